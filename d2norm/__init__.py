@@ -1,0 +1,26 @@
+"""d2norm: small-batch normalization layers for Detectron2.
+
+Importing this package registers the norm names ``"CBN"``, ``"MABN"`` and ``"PreciseBN"`` with
+every Detectron2 module that builds norms through ``get_norm`` (ResNet, FPN, box/mask heads,
+RetinaNet head, …), so they can be selected from YAML.
+"""
+from . import registry
+from .config import add_d2norm_config, validate_d2norm_config
+from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from .registry import get_norm, known_norm_names, layer_settings, register_norm
+
+__all__ = [
+    "CrossIterationBatchNorm2d",
+    "MovingAverageBatchNorm2d",
+    "PreciseBatchNorm2d",
+    "add_d2norm_config",
+    "validate_d2norm_config",
+    "get_norm",
+    "known_norm_names",
+    "register_norm",
+]
+
+register_norm("CBN", lambda c: CrossIterationBatchNorm2d(c, **layer_settings("cbn")))
+register_norm("MABN", lambda c: MovingAverageBatchNorm2d(c, **layer_settings("mabn")))
+register_norm("PreciseBN", lambda c: PreciseBatchNorm2d(c))
+registry.install()

@@ -1,0 +1,94 @@
+"""The ``D2NORM`` config node (defaults follow the papers) and its validation."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_d2norm_config", "validate_d2norm_config", "D2NormConfigError"]
+
+
+class D2NormConfigError(ValueError):
+    """A ``D2NORM`` value outside its allowed range; the message names the key."""
+
+
+def add_d2norm_config(cfg):
+    """Add the ``D2NORM`` node to a detectron2 config (call between ``get_cfg`` and ``merge``)."""
+    cfg.D2NORM = CN()
+
+    cfg.D2NORM.CBN = CN()
+    # k: iterations pooled, the current one included (official code's buffer_num is k - 1).
+    cfg.D2NORM.CBN.WINDOW = 8
+    # Training iterations of plain BN before pooling starts (paper configs: 3 COCO epochs).
+    cfg.D2NORM.CBN.BURNIN_ITERS = 0
+
+    cfg.D2NORM.MABN = CN()
+    # m: iterations in the simple moving averages of the forward and backward statistics.
+    cfg.D2NORM.MABN.BUFFER_SIZE = 16
+    # Iterations normalised with the current batch's statistics.
+    cfg.D2NORM.MABN.WARMUP_ITERS = 100
+    # Batch-statistics warm-up for MABN layers in the R-CNN/RetinaNet heads; -1: WARMUP_ITERS.
+    cfg.D2NORM.MABN.HEAD_WARMUP_ITERS = -1
+    # Iterations with the renorm factor r fixed to 1 (then clipped to [1/RMAX, RMAX]).
+    cfg.D2NORM.MABN.RENORM_FREE_ITERS = 1000
+    cfg.D2NORM.MABN.RMAX = 5.0
+    # Weight of the old value in the EMA of the population statistic.
+    cfg.D2NORM.MABN.EMA_DECAY = 0.98
+    # Centralise (zero-mean per output channel) the weight of every conv that feeds an MABN.
+    cfg.D2NORM.MABN.CENTRALIZE_WEIGHTS = True
+
+    cfg.D2NORM.PRECISE_BN = CN()
+    # Recalibrate population statistics before each evaluation and at the end of training.
+    cfg.D2NORM.PRECISE_BN.ENABLED = True
+    # Recalibration batches per rank.
+    cfg.D2NORM.PRECISE_BN.NUM_ITER = 200
+    # Also recalibrate every PERIOD iterations; 0: only before evaluation and at the end.
+    cfg.D2NORM.PRECISE_BN.PERIOD = 0
+    # Switch norm layers to population statistics (after a recalibration) for the last N iters.
+    cfg.D2NORM.FREEZE_NORM_LAST_ITERS = 0
+
+
+def _check(cond, key, value, allowed):
+    if not cond:
+        raise D2NormConfigError(f"cfg.{key} = {value!r} is invalid: allowed {allowed}")
+
+
+def validate_d2norm_config(cfg):
+    """Raise :class:`D2NormConfigError` naming the first ``D2NORM`` key with a bad value."""
+    d = cfg.D2NORM
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    _check(is_int(d.CBN.WINDOW) and d.CBN.WINDOW >= 1, "D2NORM.CBN.WINDOW", d.CBN.WINDOW, "an integer >= 1")
+    for key in ("CBN.BURNIN_ITERS", "MABN.WARMUP_ITERS", "MABN.RENORM_FREE_ITERS",
+                "PRECISE_BN.PERIOD", "FREEZE_NORM_LAST_ITERS"):
+        node, value = d, None
+        for part in key.split("."):
+            value = node = node[part]
+        _check(is_int(value) and value >= 0, f"D2NORM.{key}", value, "an integer >= 0")
+    _check(is_int(d.MABN.BUFFER_SIZE) and d.MABN.BUFFER_SIZE >= 1,
+           "D2NORM.MABN.BUFFER_SIZE", d.MABN.BUFFER_SIZE, "an integer >= 1")
+    _check(is_int(d.MABN.HEAD_WARMUP_ITERS) and d.MABN.HEAD_WARMUP_ITERS >= -1,
+           "D2NORM.MABN.HEAD_WARMUP_ITERS", d.MABN.HEAD_WARMUP_ITERS, "an integer >= 0, or -1")
+    _check(isinstance(d.MABN.RMAX, (int, float)) and d.MABN.RMAX >= 1.0,
+           "D2NORM.MABN.RMAX", d.MABN.RMAX, "a number >= 1")
+    _check(isinstance(d.MABN.EMA_DECAY, (int, float)) and 0.0 <= d.MABN.EMA_DECAY < 1.0,
+           "D2NORM.MABN.EMA_DECAY", d.MABN.EMA_DECAY, "a number in [0, 1)")
+    _check(is_int(d.PRECISE_BN.NUM_ITER) and d.PRECISE_BN.NUM_ITER >= 1,
+           "D2NORM.PRECISE_BN.NUM_ITER", d.PRECISE_BN.NUM_ITER, "an integer >= 1")
+    for key in ("MABN.CENTRALIZE_WEIGHTS", "PRECISE_BN.ENABLED"):
+        family, name = key.split(".")
+        value = d[family][name]
+        _check(isinstance(value, bool), f"D2NORM.{key}", value, "true or false")
+
+
+def norm_settings_from_config(cfg):
+    """Constructor kwargs per norm family for :func:`d2norm.registry.norm_settings`."""
+    d = cfg.D2NORM
+    return {
+        "cbn": {"window": d.CBN.WINDOW, "burnin_iters": d.CBN.BURNIN_ITERS},
+        "mabn": {
+            "buffer_size": d.MABN.BUFFER_SIZE,
+            "warmup_iters": d.MABN.WARMUP_ITERS,
+            "renorm_free_iters": d.MABN.RENORM_FREE_ITERS,
+            "rmax": float(d.MABN.RMAX),
+            "ema_decay": float(d.MABN.EMA_DECAY),
+        },
+    }
