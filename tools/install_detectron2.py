@@ -38,6 +38,19 @@ Installed by d2norm's tools/install_detectron2.py.
 IS_D2NORM_STUB = True
 
 
+# Queried by detectron2.utils.collect_env (run by default_setup): answer instead of failing.
+def get_compiler_version():
+    return "not built (pure-Python detectron2 install by d2norm)"
+
+
+def get_cuda_version():
+    return "not built"
+
+
+def has_cuda():
+    return False
+
+
 def __getattr__(name):
     if name.startswith("__"):
         raise AttributeError(name)

@@ -1,0 +1,36 @@
+# d2norm: `make demo` (set up + train/evaluate the demo) and `make test` (set up + test suite).
+# Setup is reproducible from this repository's files and offline except for the package registries;
+# re-running it is a no-op when nothing changed. An existing detectron2 in the venv is left alone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.d2norm-setup
+DEMO_CONFIG ?= configs/demo/mask_rcnn_R_18_FPN_CBN_shapes.yaml
+DEMO_OUTPUT ?= output/demo
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements/cpu.txt setup.py tools/install_detectron2.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/cpu.txt
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) tools/benchmark_norm.py
+
+clean:
+	rm -rf $(VENV) output

@@ -1,0 +1,55 @@
+"""The D2NORM config node: paper defaults, and errors that name the offending key."""
+import pytest
+from detectron2.config import get_cfg
+
+from d2norm import add_d2norm_config, validate_d2norm_config
+from d2norm.config import D2NormConfigError
+
+
+@pytest.fixture
+def cfg():
+    cfg = get_cfg()
+    add_d2norm_config(cfg)
+    return cfg
+
+
+def test_defaults_follow_the_papers(cfg):
+    d = cfg.D2NORM
+    assert (d.CBN.WINDOW, d.CBN.BURNIN_ITERS) == (8, 0)
+    assert (d.MABN.BUFFER_SIZE, d.MABN.WARMUP_ITERS, d.MABN.RENORM_FREE_ITERS) == (16, 100, 1000)
+    assert (d.MABN.RMAX, d.MABN.EMA_DECAY, d.MABN.CENTRALIZE_WEIGHTS) == (5.0, 0.98, True)
+    assert (d.PRECISE_BN.NUM_ITER, d.PRECISE_BN.PERIOD) == (200, 0)
+    validate_d2norm_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("D2NORM.CBN.WINDOW", 0),
+        ("D2NORM.CBN.BURNIN_ITERS", -1),
+        ("D2NORM.MABN.BUFFER_SIZE", 0),
+        ("D2NORM.MABN.WARMUP_ITERS", -5),
+        ("D2NORM.MABN.HEAD_WARMUP_ITERS", -2),
+        ("D2NORM.MABN.RENORM_FREE_ITERS", -1),
+        ("D2NORM.MABN.RMAX", 0.5),
+        ("D2NORM.MABN.EMA_DECAY", 1.0),
+        ("D2NORM.MABN.EMA_DECAY", -0.1),
+        ("D2NORM.PRECISE_BN.NUM_ITER", 0),
+        ("D2NORM.PRECISE_BN.PERIOD", -1),
+        ("D2NORM.FREEZE_NORM_LAST_ITERS", -3),
+    ],
+)
+def test_bad_value_names_the_key_and_the_allowed_range(cfg, key, value):
+    cfg.merge_from_list([key, value])
+    with pytest.raises(D2NormConfigError) as info:
+        validate_d2norm_config(cfg)
+    assert key in str(info.value)
+    assert "allowed" in str(info.value)
+
+
+def test_values_from_a_yaml_file_are_validated(cfg, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("D2NORM:\n  CBN:\n    WINDOW: 0\n")
+    cfg.merge_from_file(str(path))
+    with pytest.raises(D2NormConfigError, match="D2NORM.CBN.WINDOW"):
+        validate_d2norm_config(cfg)
