@@ -4,10 +4,12 @@ Importing this package registers the norm names ``"CBN"``, ``"MABN"`` and ``"Pre
 every Detectron2 module that builds norms through ``get_norm`` (ResNet, FPN, box/mask heads,
 RetinaNet head, …), so they can be selected from YAML.
 """
-from . import registry
+from . import data, registry
 from .config import add_d2norm_config, validate_d2norm_config
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from .registry import get_norm, known_norm_names, layer_settings, register_norm
+from .binding import prepare_model
+from .recalibrate import recalibrate
 
 __all__ = [
     "CrossIterationBatchNorm2d",
@@ -18,6 +20,8 @@ __all__ = [
     "get_norm",
     "known_norm_names",
     "register_norm",
+    "prepare_model",
+    "recalibrate",
 ]
 
 register_norm("CBN", lambda c: CrossIterationBatchNorm2d(c, **layer_settings("cbn")))

@@ -55,7 +55,7 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         """detectron2's hooks with its PreciseBN replaced by d2norm's, placed before checkpointing."""
         hook_list = [h for h in super().build_hooks() if not isinstance(h, hooks.PreciseBN)]
-        norm_hooks = build_norm_hooks(self.cfg, self.model, lambda: self.build_train_loader(self.cfg))
+        norm_hooks = build_norm_hooks(self.cfg, self.model, self.build_train_loader)
         first_after = next(
             (i for i, h in enumerate(hook_list) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))),
             len(hook_list),
@@ -75,8 +75,11 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2norm")
+    logger = logging.getLogger("d2norm")
     if cfg.MODEL.DEVICE == "cpu":
-        logging.getLogger("d2norm").info("No CUDA device: training and evaluating on the CPU")
+        logger.info("No CUDA device: training and evaluating on the CPU")
+    if comm.get_world_size() > 1:
+        logger.info(f"Distributed backend: {torch.distributed.get_backend()}")
     return cfg
 
 
@@ -90,7 +93,8 @@ def main(args):
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    return getattr(trainer, "_last_eval_results", None)  # set by the final evaluation, if any
 
 
 def invoke_main():

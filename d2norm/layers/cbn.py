@@ -1,10 +1,364 @@
-# TEMPORARY placeholder, replaced by the layer implementation in this session.
+"""CBN: Cross-Iteration Batch Normalization (Yao et al., CVPR 2021, arXiv 2002.05712).
+
+A conv output is normalised with per-channel statistics pooled over the current training iteration
+and the previous ``window - 1`` ones. Each past statistic was computed with older conv weights, so it
+is first moved to the current weights ``W_t`` by a first-order Taylor step through the conv that
+feeds the layer (cbn_mabn.md A.1, A.4):
+
+    mean~ = mean_old + <d mean/dW, W_t - W_old>_c          (exact: the mean is linear in W)
+    var~  = var_old  + <d var/dW,  W_t - W_old>_c - (mean~ - mean_old)^2
+
+which is the official code's compensated mean-of-squares rewritten with the biased variance, so
+that nothing cancels at the scale of mean^2. Per channel, past entries with ``var~ < 0`` are left out
+and the rest are averaged with the current batch (equal weight per iteration). The gradient flows
+through the current batch only (A.5).
+
+Conventions (decisions.md §3): textbook BN inside the layer (biased variance, eps inside the square
+root), so burn-in and ``window=1`` are exactly ``nn.BatchNorm2d``; running statistics come from the
+current batch as in ``nn.BatchNorm2d``. Unlike the official code, the current batch always counts
+(its variance is non-negative by construction, so the count is never 0) and a non-finite past
+entry is dropped rather than propagated. Efficient bookkeeping (A.7): per past iteration the layer keeps
+the mean input patch (one per conv group), d var/dW (one weight-sized tensor), and the per-channel
+scalars ``<d stat/dW, W_old>`` in place of a weight snapshot, all in fixed-size ring buffers.
+"""
+import weakref
+
+import torch
 import torch.nn as nn
+from torch.nn.grad import conv2d_weight
+
+__all__ = ["CrossIterationBatchNorm2d", "conv_statistic_gradients", "cross_iteration_batch_norm"]
+
+_REDUCE_DIMS = (0, 2, 3)  # statistics are per channel over N, H, W
+# Buffers holding the window; restored or reset together (see _load_from_state_dict).
+_WINDOW_STATE = (
+    "history_length",
+    "history_next",
+    "history_mean",
+    "history_var",
+    "history_mean_grad",
+    "history_var_grad",
+    "history_mean_grad_dot_weight",
+    "history_var_grad_dot_weight",
+)
+
+
+def _stat_dtype(x):
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 (statistics never in half)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _per_channel(v):
+    return v.view(1, -1, 1, 1)
+
+
+def conv_statistic_gradients(conv_input, conv_output, mean, weight_shape, stride, padding, dilation, groups):
+    """Per-output-channel derivatives of the batch mean and biased variance of a conv output w.r.t.
+    the conv weight, without autograd (cbn_mabn.md A.7).
+
+    ``conv_output = conv2d(conv_input, W, stride, padding, dilation, groups)`` (a bias changes
+    nothing) and ``mean`` is its per-channel mean. Both Jacobians are block-diagonal over output
+    channels, so only the diagonal blocks are returned:
+
+    - d mean_c / d W[c] is the mean input patch (zero padding included), identical for every output
+      channel of a group: returned once per group, as a ``(C_in, kh, kw)`` tensor whose channel
+      slice ``[g*C_in/groups, (g+1)*C_in/groups)`` belongs to group g;
+    - d var_c / d W[c] = (2/M) sum_m (x_c(m) - mean_c) p_m, the conv weight-gradient for
+      ``grad_output = 2 (x - mean) / M``: returned with the weight's shape.
+    """
+    n, _, h, w = conv_output.shape
+    count = n * h * w
+    # The weight-gradient is linear in the input, and this grad_output is the same for every
+    # sample: one pass over the batch-summed input, with one output channel per group.
+    mean_patch = conv2d_weight(
+        conv_input.sum(0, keepdim=True), (groups, *weight_shape[1:]),
+        conv_output.new_full((1, groups, h, w), 1.0 / count), stride, padding, dilation, groups,
+    )
+    centred = (conv_output - _per_channel(mean)) * (2.0 / count)
+    var_grad = conv2d_weight(conv_input, weight_shape, centred, stride, padding, dilation, groups)
+    return mean_patch.reshape(-1, *weight_shape[2:]), var_grad
+
+
+def _mean_patch_dot_weight(mean_patch, weight, groups):
+    """``<mean patch of c's group, W[c]>`` for every output channel c; ``mean_patch`` is
+    ``(L, C_in, kh, kw)``, the result ``(L, C_out)``."""
+    entries, c_out = mean_patch.shape[0], weight.shape[0]
+    patches = mean_patch.reshape(entries, groups, -1)
+    weights = weight.reshape(groups, c_out // groups, -1)
+    return torch.einsum("lgp,gop->lgo", patches, weights).reshape(entries, c_out)
+
+
+def _weight_grad_dot_weight(weight_grad, weight):
+    """``<G[c], W[c]>`` for every output channel c; ``weight_grad`` is ``(L, *W.shape)``."""
+    return torch.einsum("lcp,cp->lc", weight_grad.flatten(2), weight.flatten(1))
+
+
+class _CrossIterationBatchNormFunction(torch.autograd.Function):
+    """Normalise with the current batch's statistics pooled with fixed past ones (A.4 step 4, A.5)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, past_mean, past_var, past_valid, eps):
+        dtype = mean.dtype
+        count = 1 + past_valid.sum(0)
+        pooled_mean = (mean + torch.where(past_valid, past_mean, 0).sum(0)) / count
+        spread = torch.where(past_valid, past_var + (past_mean - pooled_mean) ** 2, 0).sum(0)
+        pooled_var = (var + (mean - pooled_mean) ** 2 + spread) / count
+        inv_std = torch.rsqrt(pooled_var + eps)
+        scale = inv_std if weight is None else inv_std * weight.to(dtype)
+        y = (x.to(dtype) - _per_channel(pooled_mean)) * _per_channel(scale)
+        if bias is not None:
+            y = y + _per_channel(bias.to(dtype))
+        ctx.save_for_backward(x, weight, pooled_mean, inv_std, count)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, pooled_mean, inv_std, count = ctx.saved_tensors
+        dtype = pooled_mean.dtype
+        g = grad_y.to(dtype)
+        x_hat = (x.to(dtype) - _per_channel(pooled_mean)) * _per_channel(inv_std)
+        sum_g = g.sum(_REDUCE_DIMS)
+        sum_g_x_hat = (g * x_hat).sum(_REDUCE_DIMS)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # BN backward with both batch-statistic terms divided by the valid count (A.5).
+            per_batch = count * (x.numel() // x.shape[1])
+            scale = inv_std if weight is None else inv_std * weight.to(dtype)
+            grad_x = _per_channel(scale) * (
+                g - _per_channel(sum_g / per_batch) - x_hat * _per_channel(sum_g_x_hat / per_batch)
+            )
+            grad_x = grad_x.to(x.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_g_x_hat.to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = sum_g.to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def cross_iteration_batch_norm(x, weight, bias, mean, var, past_mean, past_var, past_valid, eps):
+    """Functional core of CBN's training forward.
+
+    Args:
+        x: (N, C, H, W) input; differentiable.
+        weight, bias: (C,) affine parameters or None; differentiable.
+        mean, var: (C,) mean and biased variance of ``x``, in the statistics dtype (constants).
+        past_mean, past_var: (L, C) compensated statistics of past iterations (constants).
+        past_valid: (L, C) bool, which past entries each channel pools.
+        eps: added to the pooled variance inside the square root.
+
+    Per channel, the pooled mean and variance are those of the union of ``1 + sum(past_valid)``
+    equal-weight entries (the current batch and the valid past ones); the gradient reaches ``x``
+    through the current batch's statistics only.
+    """
+    return _CrossIterationBatchNormFunction.apply(
+        x, weight, bias, mean, var, past_mean, past_var, past_valid, eps
+    )
 
 
 class CrossIterationBatchNorm2d(nn.BatchNorm2d):
-    def __init__(self, num_features, **kwargs):
-        super().__init__(num_features)
+    """Cross-Iteration BatchNorm over the conv that feeds it (cbn_mabn.md Part A, decisions.md §3).
 
+    Args:
+        num_features: C, the channel count.
+        window: k, iterations pooled including the current one (the official ``buffer_num`` + 1).
+        burnin_iters: training iterations of plain ``nn.BatchNorm2d`` before pooling starts.
+        momentum, eps, affine: as ``nn.BatchNorm2d``.
+
+    A training forward with autograd enabled and an input that requires grad is one *iteration*:
+    it advances ``train_iterations``, and after burn-in normalises with the pooled window and
+    pushes the current statistics into it (the window grows 1, 2, ..., k after the switch). Every
+    other forward (eval, ``torch.no_grad``, frozen input, empty batch) is ``nn.BatchNorm2d``'s and
+    leaves the window and the counter untouched. The window needs the conv that feeds the layer:
+    :meth:`bind_conv` (called by ``d2norm.prepare_model``).
+    """
+
+    def __init__(self, num_features, window=8, burnin_iters=0, momentum=0.1, eps=1e-5, affine=True):
+        if int(window) != window or window < 1:
+            raise ValueError(f"CBN window must be an integer >= 1, got {window!r}")
+        if int(burnin_iters) != burnin_iters or burnin_iters < 0:
+            raise ValueError(f"CBN burnin_iters must be an integer >= 0, got {burnin_iters!r}")
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
+        self.window = int(window)
+        self.burnin_iters = int(burnin_iters)
+        past = self.window - 1
+        self.register_buffer("train_iterations", torch.zeros((), dtype=torch.long))
+        # Ring buffer of the past iterations: slots [0, history_length) are filled, the next write
+        # goes to history_next. The derivative buffers get the conv's shape in bind_conv.
+        self.register_buffer("history_length", torch.zeros((), dtype=torch.long))
+        self.register_buffer("history_next", torch.zeros((), dtype=torch.long))
+        self.register_buffer("history_mean", torch.zeros(past, num_features))
+        self.register_buffer("history_var", torch.zeros(past, num_features))
+        self.register_buffer("history_mean_grad", torch.zeros(past, 0, 0, 0))
+        self.register_buffer("history_var_grad", torch.zeros(past, num_features, 0, 0, 0))
+        # <d stat/dW, W_old>_c, which stands in for the old weight in the Taylor step.
+        self.register_buffer("history_mean_grad_dot_weight", torch.zeros(past, num_features))
+        self.register_buffer("history_var_grad_dot_weight", torch.zeros(past, num_features))
+        self._conv_ref = None  # weakref to the bound conv (never a submodule: that is a module cycle)
+        self._conv_hook = None
+        self._conv_call = None  # (conv, conv input) of the current forward, set by the conv's pre-hook
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, window={self.window}, burnin_iters={self.burnin_iters}"
+
+    # ------------------------------------------------------------------ conv binding
+    def bind_conv(self, conv):
+        """Feed this layer the weight and input of ``conv``, the conv whose output it normalises.
+
+        ``conv`` is a ``torch.nn.Conv2d`` (``detectron2.layers.Conv2d`` included) with integer zero
+        padding. Registers a forward pre-hook on it; idempotent, and binding another conv replaces
+        the previous binding. Parameter names and state_dict keys do not change. Returns ``self``.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"CBN can only be bound to a torch.nn.Conv2d, got {type(conv).__name__}")
+        if conv.out_channels != self.num_features:
+            raise ValueError(f"conv has {conv.out_channels} output channels, CBN has {self.num_features}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("CBN supports convs with integer zero padding only")
+        if self._conv_hook is not None:
+            self._conv_hook.remove()
+        self._conv_hook = conv.register_forward_pre_hook(self._receive_conv_input)
+        self._conv_ref = weakref.ref(conv)
+        self._shape_history(conv)
+        return self
+
+    def _bound_conv(self):
+        return None if self._conv_ref is None else self._conv_ref()
+
+    def _receive_conv_input(self, conv, args):
+        if self.training and self.window > 1 and torch.is_grad_enabled():
+            self._conv_call = (conv, args[0])
+
+    def _shape_history(self, conv):
+        """Size the derivative buffers for ``conv``; a size change empties the window."""
+        past, weight_shape = self.window - 1, tuple(conv.weight.shape)
+        shapes = {
+            "history_mean_grad": (past, conv.in_channels, *weight_shape[2:]),
+            "history_var_grad": (past, *weight_shape),
+        }
+        for name, shape in shapes.items():
+            buf = getattr(self, name)
+            if tuple(buf.shape) != shape:
+                setattr(self, name, buf.new_zeros(shape))
+                self.history_length.zero_()
+                self.history_next.zero_()
+
+    # ------------------------------------------------------------------ forward
     def forward(self, x):
-        raise NotImplementedError("CrossIterationBatchNorm2d is being implemented")
+        conv_call, self._conv_call = self._conv_call, None  # never keep the conv input alive
+        if not (self.training and torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0:
+            return super().forward(x)
+        burning_in = self.burnin_iters > 0 and int(self.train_iterations) < self.burnin_iters
+        self.train_iterations.add_(1)
+        if burning_in or self.window == 1:
+            return super().forward(x)
+        if conv_call is None:
+            if self._bound_conv() is None:
+                raise RuntimeError(
+                    "CrossIterationBatchNorm2d is not bound to the conv that feeds it; "
+                    "call d2norm.prepare_model(model) after building the model"
+                )
+            raise RuntimeError("CrossIterationBatchNorm2d: its bound conv did not run right before it")
+        return self._pooled_forward(x, *conv_call)
+
+    def _pooled_forward(self, x, conv, conv_input):
+        samples = x.numel() // x.shape[1]
+        if samples == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+            )
+        dtype = _stat_dtype(x)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            xs = x.detach().to(dtype)
+            var, mean = torch.var_mean(xs, dim=_REDUCE_DIMS, correction=0)
+            weight = conv.weight.detach().to(dtype)
+            past_mean, past_var, past_valid = self._compensated_history(weight, conv.groups)
+            self._push_history(conv, conv_input.detach().to(dtype), xs, mean, var, weight)
+            self._update_running_stats(mean, var * (samples / (samples - 1)))
+        return cross_iteration_batch_norm(
+            x, self.weight, self.bias, mean, var, past_mean, past_var, past_valid, self.eps
+        )
+
+    def _compensated_history(self, weight, groups):
+        """Past statistics moved to ``weight`` (A.4 step 3) and their per-channel validity (step 4)."""
+        dtype = weight.dtype
+        mean_shift = _mean_patch_dot_weight(self.history_mean_grad.to(dtype), weight, groups)
+        mean_shift = mean_shift - self.history_mean_grad_dot_weight.to(dtype)
+        var_shift = _weight_grad_dot_weight(self.history_var_grad.to(dtype), weight)
+        var_shift = var_shift - self.history_var_grad_dot_weight.to(dtype)
+        mean = self.history_mean.to(dtype) + mean_shift
+        var = self.history_var.to(dtype) + var_shift - mean_shift**2
+        filled = torch.arange(self.window - 1, device=mean.device) < self.history_length
+        return mean, var, filled[:, None] & (var >= 0)
+
+    def _push_history(self, conv, conv_input, conv_output, mean, var, weight):
+        """Write the current iteration into the ring buffer (A.4 step 5, stored as in A.7)."""
+        mean_grad, var_grad = conv_statistic_gradients(
+            conv_input, conv_output, mean, weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        entry = {
+            "history_mean": mean,
+            "history_var": var,
+            "history_mean_grad": mean_grad,
+            "history_var_grad": var_grad,
+            "history_mean_grad_dot_weight": _mean_patch_dot_weight(mean_grad[None], weight, conv.groups)[0],
+            "history_var_grad_dot_weight": _weight_grad_dot_weight(var_grad[None], weight)[0],
+        }
+        slot = self.history_next.view(1)
+        for name, value in entry.items():
+            buf = getattr(self, name)
+            buf.index_copy_(0, slot, value[None].to(buf.dtype))
+        self.history_next.add_(1).remainder_(self.window - 1)
+        self.history_length.add_(1).clamp_(max=self.window - 1)
+
+    def _update_running_stats(self, mean, unbiased_var):
+        """As ``nn.BatchNorm2d``: EMA of the current batch's mean and unbiased variance."""
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
+
+    # ------------------------------------------------------------------ inference and state
+    @torch.no_grad()
+    def per_channel_affine(self):
+        """``(scale, shift)`` with eval output ``scale[c] * x + shift[c]``, i.e.
+        ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.affine:
+            shift = shift + self.bias
+        return scale, shift
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """A checkpoint without window state (``nn.BatchNorm2d``) or with an empty window loads with
+        an empty window whatever the conv; an unbound layer takes the checkpoint's derivative-buffer
+        shapes."""
+        state_dict.setdefault(prefix + "train_iterations", self.train_iterations)
+        keys = {name: prefix + name for name in _WINDOW_STATE}
+        saved_length = state_dict.get(keys["history_length"])
+        if not all(key in state_dict for key in keys.values()) or int(saved_length) == 0:
+            for name, key in keys.items():
+                state_dict[key] = getattr(self, name)
+            state_dict[keys["history_length"]] = torch.zeros_like(self.history_length)
+            state_dict[keys["history_next"]] = torch.zeros_like(self.history_next)
+        elif self._bound_conv() is None:
+            for name in ("history_mean_grad", "history_var_grad"):
+                saved, buf = state_dict[keys[name]], getattr(self, name)
+                if saved.shape[0] == buf.shape[0] and saved.shape != buf.shape:
+                    setattr(self, name, buf.new_zeros(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def __getstate__(self):
+        # Pickle/deepcopy the bound conv by strong reference, so a copied model's CBN refers to
+        # the copied conv (the conv's pre-hook, a bound method, follows the copied CBN).
+        state = super().__getstate__()
+        state["_conv_ref"] = self._bound_conv()
+        state["_conv_call"] = None
+        return state
+
+    def __setstate__(self, state):
+        conv = state.pop("_conv_ref", None)
+        super().__setstate__(state)
+        self._conv_ref = None if conv is None else weakref.ref(conv)

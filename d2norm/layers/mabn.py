@@ -1,10 +1,233 @@
-# TEMPORARY placeholder, replaced by the layer implementation in this session.
+"""MABN: Moving Average Batch Normalization (Yan et al., ICLR 2020, arXiv 2001.06838).
+
+Official detection variant (decisions.md §3; cbn_mabn.md B.2-B.4): no mean-centring — x is divided
+by the root of its per-channel second moment χ = mean(x²); the forward statistic is the simple
+moving average (SMAS) of χ over the last m iterations, renormalised towards the exponential moving
+average (EMAS) ``running_var`` by a clipped factor r (BRN-style); the backward replaces the batch
+statistic Ψ = mean(g·z) by its SMAS over the same m iterations. The preceding conv should be
+weight-centralised (:mod:`d2norm.layers.weight_centralization`), which stands in for the mean
+subtraction.
+"""
+import logging
+
+import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["MovingAverageBatchNorm2d"]
+
+logger = logging.getLogger(__name__)
+
+_REDUCE_DIMS = (0, 2, 3)  # statistics are per channel over N, H, W
 
 
-class MovingAverageBatchNorm2d(nn.BatchNorm2d):
-    def __init__(self, num_features, **kwargs):
-        super().__init__(num_features)
+def _stat_dtype(x):
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 (statistics never in half)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _per_channel(v):
+    return v.view(1, -1, 1, 1)
+
+
+def _channel_affine(x, scale, shift):
+    """``scale[c] * x + shift[c]`` computed in the statistics dtype, returned in x's dtype."""
+    dtype = _stat_dtype(x)
+    return (x.to(dtype) * _per_channel(scale.to(dtype)) + _per_channel(shift.to(dtype))).to(x.dtype)
+
+
+class _MovingAverageNormFunction(torch.autograd.Function):
+    """out = γ·r·x/√(var+eps) + β with MABN's backward (cbn_mabn.md B.3).
+
+    Backward, with z = x/√(var+eps) and g = G·γ·r (r a constant, as in batch renormalisation):
+    Ψ = mean_{N,H,W}(g·z) is written to ``buffer_gz[slot]`` (only where finite, so a loss-scaler
+    overflow step does not poison the next m iterations), Ψ̄ = mean over ``buffer_gz`` in SMAS
+    mode else Ψ, and ∂L/∂x = (g − z·Ψ̄)/√(var+eps); ∂L/∂γ = Σ G·r·z, ∂L/∂β = Σ G.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, var, r, eps, buffer_gz, slot, use_smas):
+        inv_std = torch.rsqrt(var + eps)
+        scale = inv_std * r if weight is None else inv_std * r * weight.to(var.dtype)
+        shift = torch.zeros_like(var) if bias is None else bias
+        ctx.save_for_backward(x, weight, inv_std, r)
+        # Not saved tensors: backward writes the current slot and reads the others as they are then.
+        ctx.buffer_gz, ctx.slot, ctx.use_smas = buffer_gz, slot, use_smas
+        return _channel_affine(x, scale, shift)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, inv_std, r = ctx.saved_tensors
+        buffer_gz = ctx.buffer_gz
+        grad_out = grad_out.to(inv_std.dtype)
+        z = x.to(inv_std.dtype) * _per_channel(inv_std)
+        gain = r if weight is None else r * weight.to(r.dtype)
+        g = grad_out * _per_channel(gain)
+        psi = (g * z).mean(dim=_REDUCE_DIMS)
+        previous = buffer_gz.index_select(0, ctx.slot)[0]
+        stored = torch.where(psi.isfinite(), psi.to(buffer_gz.dtype), previous)
+        buffer_gz.index_copy_(0, ctx.slot, stored[None])
+        psi_bar = torch.where(ctx.use_smas, buffer_gz.mean(dim=0).to(psi.dtype), psi)
+        grad_x = ((g - z * _per_channel(psi_bar)) * _per_channel(inv_std)).to(x.dtype)
+        grad_weight = grad_bias = None  # weight and bias are both None or both Parameters (affine)
+        if ctx.needs_input_grad[1]:
+            grad_weight = ((grad_out * z).sum(dim=_REDUCE_DIMS) * r).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(dim=_REDUCE_DIMS).to(weight.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class MovingAverageBatchNorm2d(nn.Module):
+    """Moving Average Batch Normalization for (N, C, H, W) inputs (cbn_mabn.md B.2-B.4).
+
+    Training step t (1-based count of training forwards, the buffer ``iters``):
+
+    - χ_t = mean_{N,H,W} x² is written to ``buffer_x2[t mod m]``;
+    - var = χ_t while t ≤ m or t < warmup_iters, else the mean of ``buffer_x2`` (SMAS);
+    - r = √(var+eps)/√(running_var+eps) with the value before this step, fixed to 1 while
+      t ≤ max(renorm_free_iters, warmup_iters), then clipped to [1/rmax, rmax];
+    - out = γ·r·x/√(var+eps) + β; then running_var ← ema_decay·running_var + (1−ema_decay)·var;
+    - backward: see :class:`_MovingAverageNormFunction` (SMAS of Ψ in ``buffer_gz``).
+
+    Eval (or ``frozen``): out = γ·x/√(running_var+eps) + β, a per-channel linear map without
+    centring (:meth:`per_channel_affine`). Training forwards whose input needs no gradient
+    (``torch.no_grad``, frozen stages) use the batch second moment, empty ones (N·H·W = 0) the
+    eval map; neither touches any state. One stateful training forward (followed by its
+    backward) per iteration is assumed; statistics are per process, as in the paper. Under a
+    dynamic loss scaler (AMP) each buffered Ψ carries its own iteration's loss scale, so for m
+    iterations after a scale change the backward SMAS mixes scales (by the scaler's factor, 2).
+
+    State (registered buffers, so checkpoints restore it): ``running_var`` (C,), the EMA of the
+    second moment E[x²] (init 1); ``iters`` int64 scalar; ``buffer_x2`` and ``buffer_gz`` (m, C).
+    Statistics and buffers are float32 for half/bfloat16 inputs; the output has the input dtype.
+
+    Checkpoints: a BatchNorm/FrozenBN state dict (``running_mean``, ``running_var``, optionally
+    ``num_batches_tracked``; no ``iters``) loads with running_var := running_var + running_mean²
+    (the second moment MABN divides by), iters := 0 and empty ring buffers, and logs a note.
+    The official implementation's (1, C, 1, 1) ``running_var`` and (1,) ``iters`` are reshaped.
+
+    Args:
+        num_features (int): number of channels C.
+        buffer_size (int): m, iterations in the simple moving averages.
+        warmup_iters (int): iterations normalised with the current batch's χ.
+        renorm_free_iters (int): iterations with r fixed to 1.
+        rmax (float): clip bound λ of r (≥ 1).
+        ema_decay (float): weight of the old value in the EMA of ``running_var`` (paper: 0.98).
+        eps (float): added to the second moment inside the square root.
+        affine (bool): learnable per-channel ``weight`` (γ, init 1) and ``bias`` (β, init 0).
+    """
+
+    def __init__(self, num_features, buffer_size=16, warmup_iters=100, renorm_free_iters=1000, rmax=5.0,
+                 ema_decay=0.98, eps=1e-5, affine=True):
+        super().__init__()
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        if warmup_iters < 0 or renorm_free_iters < 0:
+            raise ValueError(
+                f"warmup_iters and renorm_free_iters must be >= 0, got {warmup_iters}, {renorm_free_iters}"
+            )
+        if rmax < 1.0:
+            raise ValueError(f"rmax must be >= 1, got {rmax}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.num_features = num_features
+        self.buffer_size = buffer_size
+        self.warmup_iters = warmup_iters
+        self.renorm_free_iters = renorm_free_iters
+        self.rmax = rmax
+        self.ema_decay = ema_decay
+        self.eps = eps
+        self.affine = affine
+        # Set by the trainer for layers in frozen stages: always use the eval map.
+        self.frozen = False
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("iters", torch.zeros((), dtype=torch.long))
+        self.register_buffer("buffer_x2", torch.zeros(buffer_size, num_features))
+        self.register_buffer("buffer_gz", torch.zeros(buffer_size, num_features))
 
     def forward(self, x):
-        raise NotImplementedError("MovingAverageBatchNorm2d is being implemented")
+        if x.dim() != 4:
+            raise ValueError(f"MovingAverageBatchNorm2d expects (N, C, H, W) input, got {tuple(x.shape)}")
+        if not self.training or self.frozen or x.numel() == 0:
+            scale, shift = self.per_channel_affine()
+            return _channel_affine(x, scale, shift)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return self._normalize_statelessly(x)
+        var, r, slot, use_smas = self._advance_statistics(x)
+        return _MovingAverageNormFunction.apply(
+            x, self.weight, self.bias, var, r, self.eps, self.buffer_gz, slot, use_smas
+        )
+
+    def per_channel_affine(self):
+        """``(scale, shift)`` with eval output ``scale[c]·x + shift[c]``: (γ/√(running_var+eps), β).
+
+        Differentiable in γ and β (eval-mode training, e.g. population statistics frozen late).
+        """
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if not self.affine:
+            return scale, torch.zeros_like(scale)
+        return self.weight * scale, self.bias.clone()
+
+    def _normalize_statelessly(self, x):
+        """γ·x/√(χ+eps) + β with the batch's χ: the warm-up formula, without touching state."""
+        second_moment = x.to(_stat_dtype(x)).square().mean(dim=_REDUCE_DIMS)
+        scale = torch.rsqrt(second_moment + self.eps)
+        if not self.affine:
+            return _channel_affine(x, scale, torch.zeros_like(scale))
+        return _channel_affine(x, self.weight * scale, self.bias)
+
+    @torch.no_grad()
+    def _advance_statistics(self, x):
+        """Step t: write χ_t, choose var (batch or SMAS), compute r, update the EMA (B.2 steps 1-8).
+
+        All schedule decisions stay on the device (no host synchronisation).
+        """
+        chi = x.to(_stat_dtype(x)).square().mean(dim=_REDUCE_DIMS)
+        self.iters += 1
+        slot = (self.iters % self.buffer_size).view(1)
+        self.buffer_x2.index_copy_(0, slot, chi.to(self.buffer_x2.dtype)[None])
+        use_smas = (self.iters > self.buffer_size) & (self.iters >= self.warmup_iters)
+        var = torch.where(use_smas, self.buffer_x2.mean(dim=0).to(chi.dtype), chi)
+        running_var = self.running_var.to(chi.dtype)
+        ratio = torch.sqrt(var + self.eps) / torch.sqrt(running_var + self.eps)
+        renormalize = self.iters > max(self.renorm_free_iters, self.warmup_iters)
+        r = torch.where(renormalize, ratio.clamp(1.0 / self.rmax, self.rmax), torch.ones_like(ratio))
+        self.running_var.copy_(self.ema_decay * running_var + (1.0 - self.ema_decay) * var)
+        return var, r, slot, use_smas
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        var_key, mean_key, iters_key = prefix + "running_var", prefix + "running_mean", prefix + "iters"
+        if var_key in state_dict:
+            state_dict[var_key] = state_dict[var_key].reshape(-1)
+        if iters_key in state_dict:
+            state_dict[iters_key] = state_dict[iters_key].reshape(())
+        elif mean_key in state_dict and var_key in state_dict:
+            running_mean = state_dict.pop(mean_key)
+            state_dict.pop(prefix + "num_batches_tracked", None)
+            state_dict[var_key] = state_dict[var_key] + running_mean.reshape(-1) ** 2
+            state_dict[iters_key] = torch.zeros_like(self.iters)
+            state_dict[prefix + "buffer_x2"] = torch.zeros_like(self.buffer_x2)
+            state_dict[prefix + "buffer_gz"] = torch.zeros_like(self.buffer_gz)
+            logger.info(
+                "%s: loaded BatchNorm statistics into MovingAverageBatchNorm2d as the second moment "
+                "(running_var := running_var + running_mean**2), iters = 0, empty ring buffers.",
+                prefix.rstrip(".") or "MovingAverageBatchNorm2d",
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self):
+        return (
+            f"{self.num_features}, buffer_size={self.buffer_size}, warmup_iters={self.warmup_iters}, "
+            f"renorm_free_iters={self.renorm_free_iters}, rmax={self.rmax}, ema_decay={self.ema_decay}, "
+            f"eps={self.eps}, affine={self.affine}"
+        )

@@ -1,0 +1,90 @@
+"""Fold d2norm layers into the convs that feed them, for inference at the cost of plain BN (or less).
+
+In eval mode every d2norm layer is a per-channel affine ``y = s * x + t`` (``per_channel_affine``):
+CBN and PreciseBN use population mean/variance, MABN the population second moment (MABN Eq. 10
+without centring). A conv followed by such an affine is one conv with weight ``s * W`` (``W`` the
+weight its forward uses, i.e. the centred weight for MABN) and bias ``s * b + t``.
+"""
+import torch
+import torch.nn as nn
+from detectron2.layers import FrozenBatchNorm2d
+
+from .binding import conv_norm_pairs
+from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from .layers.weight_centralization import effective_conv_weight, is_weight_centralized
+
+__all__ = ["fold_norms"]
+
+_FOLDABLE = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d)
+
+
+@torch.no_grad()
+def fold_norms(model):
+    """Fold every d2norm layer (in place) for inference; returns ``model``.
+
+    A layer fed directly by a conv disappears into that conv; any other (e.g. one per FPN level
+    behind a shared conv) becomes a ``FrozenBatchNorm2d`` holding its affine. The model must be in
+    eval mode: the fold uses population statistics.
+    """
+    if model.training:
+        raise RuntimeError("fold_norms needs a model in eval mode (call model.eval() first)")
+    folded = set()
+    for conv, norm in list(_foldable_pairs(model)):
+        scale, shift = norm.per_channel_affine()
+        weight = effective_conv_weight(conv) * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+        bias = shift if conv.bias is None else shift + scale * conv.bias
+        if is_weight_centralized(conv):
+            conv.__class__ = type(conv).__bases__[1]  # drop the centralising mixin: W is folded in
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+        folded.add(id(norm))
+        _remove_norm(model, conv, norm)
+    _replace_with_frozen_affine(model, folded)
+    return model
+
+
+def _foldable_pairs(model):
+    seen = set()
+    for conv, norm in conv_norm_pairs(model):
+        if id(norm) in seen:
+            continue
+        seen.add(id(norm))
+        if isinstance(norm, _FOLDABLE) and _is_direct_child_norm(model, conv, norm):
+            yield conv, norm
+
+
+def _is_direct_child_norm(model, conv, norm):
+    """Whether ``norm`` is the conv's own ``.norm`` or the next element of a Sequential."""
+    if getattr(conv, "norm", None) is norm:
+        return True
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module)
+            for a, b in zip(children, children[1:]):
+                if a is conv and b is norm:
+                    return True
+    return False
+
+
+def _remove_norm(model, conv, norm):
+    if getattr(conv, "norm", None) is norm:
+        conv.norm = None
+        return
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            for key, child in module._modules.items():
+                if child is norm:
+                    module._modules[key] = nn.Identity()
+
+
+def _replace_with_frozen_affine(model, folded):
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if isinstance(child, _FOLDABLE) and id(child) not in folded:
+                scale, shift = child.per_channel_affine()
+                frozen = FrozenBatchNorm2d(scale.numel(), eps=0.0)
+                frozen.weight.copy_(scale)
+                frozen.bias.copy_(shift)
+                frozen.running_mean.zero_()
+                frozen.running_var.fill_(1.0)
+                parent._modules[key] = frozen.to(scale.device)

@@ -1,0 +1,124 @@
+"""Training hooks for population statistics: PreciseBN recalibration and frozen norms at the end.
+
+- :class:`RecalibrateNorms` replaces detectron2's ``hooks.PreciseBN``: it recalibrates every
+  norm layer (all d2norm types, not only torch BN) when detectron2's ``EvalHook`` would evaluate,
+  at the end of training and optionally every ``period`` iterations, with statistics identical on
+  all ranks (:func:`d2norm.recalibrate.recalibrate`).
+- :class:`FreezeNormLastIters` trains the last N iterations with population statistics
+  ("Rethinking 'Batch' in BatchNorm", Sec. 4.2: FrozenBN at the end of training removes the
+  train/test inconsistency of small batches).
+
+:func:`build_norm_hooks` builds both from ``cfg.D2NORM``; register them where detectron2 puts its
+PreciseBN hook (before the checkpointer and the ``EvalHook``) and drop detectron2's own.
+"""
+import logging
+
+from detectron2.engine.train_loop import HookBase
+from torch.nn.parallel import DistributedDataParallel
+
+from .layers import PreciseBatchNorm2d
+from .recalibrate import population_norm_layers, recalibrate
+
+__all__ = ["FreezeNormLastIters", "NormRecalibrator", "RecalibrateNorms", "build_norm_hooks"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class NormRecalibrator:
+    """``recalibrator()`` recalibrates ``model`` on the next ``num_iter`` batches of one loader.
+
+    The loader is iterated once and kept, so successive recalibrations see fresh batches. A
+    DDP-wrapped model is unwrapped: the forwards run under ``torch.no_grad``, and all-reduction of
+    the statistics is done by :func:`~d2norm.recalibrate.recalibrate` itself.
+    """
+
+    def __init__(self, model, data_loader, num_iter):
+        self.model = _unwrap(model)
+        self._data_loader = data_loader
+        self._data_iter = None
+        self.num_iter = num_iter
+
+    def __call__(self):
+        if self._data_iter is None:
+            self._data_iter = iter(self._data_loader)
+        recalibrate(self.model, self._data_iter, self.num_iter)
+
+
+class RecalibrateNorms(HookBase):
+    """Recalibrate before each evaluation, at the end of training, and every ``period`` iterations.
+
+    Runs in ``after_step`` when ``next_iter`` is ``max_iter``, a multiple of ``eval_period`` (when
+    detectron2's ``EvalHook`` with the same period evaluates, provided this hook is registered
+    before it), or a multiple of ``period``; a period of 0 disables that trigger.
+    """
+
+    def __init__(self, recalibrator, eval_period, period=0):
+        self.recalibrator = recalibrator
+        self._periods = [p for p in (eval_period, period) if p > 0]
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if next_iter == self.trainer.max_iter or any(next_iter % p == 0 for p in self._periods):
+            self.recalibrator()
+
+
+class FreezeNormLastIters(HookBase):
+    """Train the last ``num_iters`` iterations with population statistics (frozen norm layers).
+
+    At iteration ``max_iter - num_iters`` the norm layers are recalibrated and switched to eval
+    mode (only they: detectron2's trainer asserts that the model is in training mode). They are
+    put back in eval mode before every later step, because evaluation (``inference_context``)
+    returns the whole model to training mode. After a resume past that iteration the statistics
+    come from the checkpoint (saved after the switch) and are frozen again without recalibration.
+    Recalibration skips frozen layers, so the statistics used in the last iterations are the ones
+    evaluated.
+    """
+
+    def __init__(self, num_iters, model, recalibrator):
+        self.num_iters = num_iters
+        self._layers = [layer for _, layer in population_norm_layers(_unwrap(model))]
+        self.recalibrator = recalibrator
+
+    def before_step(self):
+        switch_iter = max(self.trainer.max_iter - self.num_iters, 0)
+        if self.trainer.iter < switch_iter:
+            return
+        if self.trainer.iter == switch_iter:
+            logger.info(f"Freezing {len(self._layers)} normalization layers for the last "
+                        f"{self.num_iters} iterations, after a recalibration.")
+            self.recalibrator()
+        for layer in self._layers:
+            layer.eval()
+
+
+def build_norm_hooks(cfg, model, build_train_loader):
+    """The d2norm hooks for ``cfg.D2NORM`` (possibly none), for ``Trainer.build_hooks``.
+
+    Args:
+        cfg: the full config (``D2NORM.PRECISE_BN.*``, ``D2NORM.FREEZE_NORM_LAST_ITERS``,
+            ``TEST.EVAL_PERIOD``).
+        model: the (possibly DDP-wrapped) model being trained.
+        build_train_loader (callable): ``cfg -> data loader`` (e.g. ``Trainer.build_train_loader``),
+            called once, with ``DATALOADER.NUM_WORKERS = 0`` as detectron2 does for PreciseBN.
+    """
+    precise, freeze_iters = cfg.D2NORM.PRECISE_BN, cfg.D2NORM.FREEZE_NORM_LAST_ITERS
+    layers = population_norm_layers(_unwrap(model))
+    if not precise.ENABLED and any(isinstance(layer, PreciseBatchNorm2d) for _, layer in layers):
+        logger.warning("D2NORM.PRECISE_BN.ENABLED is False but the model has PreciseBN layers: "
+                       "they cannot be evaluated until d2norm.recalibrate is run.")
+    if not layers or not (precise.ENABLED or freeze_iters > 0):
+        return []
+    loader_cfg = cfg.clone()
+    loader_cfg.defrost()
+    loader_cfg.DATALOADER.NUM_WORKERS = 0
+    recalibrator = NormRecalibrator(model, build_train_loader(loader_cfg), precise.NUM_ITER)
+    hooks = []
+    if precise.ENABLED:
+        hooks.append(RecalibrateNorms(recalibrator, cfg.TEST.EVAL_PERIOD, precise.PERIOD))
+    if freeze_iters > 0:
+        hooks.append(FreezeNormLastIters(freeze_iters, model, recalibrator))
+    return hooks

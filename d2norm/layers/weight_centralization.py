@@ -1,0 +1,93 @@
+"""Weight centralisation for the convs that feed MABN (cbn_mabn.md B.5, the paper's CenConv2d).
+
+MABN normalises by the second moment and never subtracts a mean; instead every conv that feeds it
+uses a zero-mean filter per output channel, W̃[c] = W[c] − mean_{i,u,v} W[c, i, u, v], recomputed in
+each forward with autograd through the subtraction (so ∂L/∂W[c] is the projection of ∂L/∂W̃[c]
+onto the zero-mean subspace).
+
+:func:`centralize_conv_weight` swaps a conv's class to a cached subclass whose ``forward`` sees
+W̃ as ``self.weight``. This works for ``torch.nn.Conv2d`` and for detectron2's ``Conv2d`` (whose
+``forward`` calls ``F.conv2d`` itself and then applies its ``norm``/``activation``). Outside
+``forward`` the attribute ``weight`` is still the trainable Parameter under its own name, so
+checkpoints (centred or not) load unchanged, initialisers act on the Parameter, and
+``isinstance`` checks against the original class still hold.
+"""
+from typing import Dict, Type
+
+import torch
+import torch.nn as nn
+
+__all__ = ["centralize_conv_weight", "centralized_weight", "effective_conv_weight", "is_weight_centralized"]
+
+
+def centralized_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W − mean W over every dimension but the first (output channels); differentiable."""
+    return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+
+
+class _WeightCentralizedConv:
+    """Mixin placed in front of a conv class: its forward computes with the centred weight."""
+
+    def forward(self, *args, **kwargs):
+        # An instance attribute shadows ``_parameters["weight"]`` (nn.Module resolves parameters
+        # only when normal attribute lookup fails), so the base forward reads W̃ while the
+        # Parameter itself, parameters() and state_dict() are untouched.
+        self.__dict__["weight"] = centralized_weight(self._parameters["weight"])
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            del self.__dict__["weight"]
+
+    def extra_repr(self):
+        return super().extra_repr() + ", weight_centralized=True"
+
+    def __reduce_ex__(self, protocol):
+        # The subclass is made at run time, so pickle (torch.save of a whole model) refers to
+        # the original class and re-derives the subclass when loading.
+        return _new_centralized, (type(self)._centralized_base,), self.__dict__
+
+
+_CENTRALIZED_CLASSES: Dict[type, Type[nn.Conv2d]] = {}
+
+
+def _centralized_class(base: type) -> Type[nn.Conv2d]:
+    cls = _CENTRALIZED_CLASSES.get(base)
+    if cls is None:
+        name = f"WeightCentralized{base.__name__}"
+        cls = type(name, (_WeightCentralizedConv, base), {"__module__": __name__, "_centralized_base": base})
+        _CENTRALIZED_CLASSES[base] = cls
+    return cls
+
+
+def _new_centralized(base: type) -> nn.Conv2d:
+    """Unpickling helper: an uninitialised instance of the centralised subclass of ``base``."""
+    cls = _centralized_class(base)
+    return cls.__new__(cls)
+
+
+def is_weight_centralized(conv: nn.Module) -> bool:
+    """Whether ``conv`` went through :func:`centralize_conv_weight`."""
+    return isinstance(conv, _WeightCentralizedConv)
+
+
+def centralize_conv_weight(conv: nn.Conv2d) -> nn.Conv2d:
+    """Make ``conv`` use W − mean W per output channel in forward (in place, idempotent).
+
+    Args:
+        conv: a ``torch.nn.Conv2d`` or subclass (e.g. ``detectron2.layers.Conv2d``).
+
+    Returns:
+        ``conv`` itself, now an instance of a subclass of its original class.
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"centralize_conv_weight expects an nn.Conv2d, got {type(conv).__name__}")
+    if not is_weight_centralized(conv):
+        conv.__class__ = _centralized_class(type(conv))
+    return conv
+
+
+def effective_conv_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The weight ``conv``'s forward multiplies by: W̃ if centralised, else W (for folding)."""
+    if is_weight_centralized(conv):
+        return centralized_weight(conv.weight)
+    return conv.weight

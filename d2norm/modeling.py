@@ -1,0 +1,57 @@
+"""``build_model``: detectron2's ``build_model`` with d2norm's settings and post-build pass."""
+import logging
+from collections import Counter
+
+from detectron2.modeling import build_model as d2_build_model
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+from .binding import prepare_model
+from .config import norm_settings_from_config
+from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from .layers.per_level import make_retinanet_head_per_level
+from .registry import norm_settings
+
+__all__ = ["build_model", "norm_layer_summary"]
+
+logger = logging.getLogger(__name__)
+
+_D2NORM_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d)
+# Submodules that are "heads" for D2NORM.MABN.HEAD_WARMUP_ITERS (R-CNN RoI heads, RetinaNet head).
+_HEAD_NAMES = ("roi_heads", "head")
+
+
+def build_model(cfg):
+    """Build the model of ``cfg`` with ``cfg.D2NORM`` layer settings, then
+
+    * give each d2norm layer of a RetinaNet head one set of statistics per FPN level
+      (detectron2 only does so for "BN"/"SyncBN"; Rethinking-BN §5.2);
+    * apply ``D2NORM.MABN.HEAD_WARMUP_ITERS`` to MABN layers in the heads (MABN §5: batch
+      statistics in the heads for the first 10k iterations);
+    * :func:`~d2norm.binding.prepare_model` (CBN conv binding, MABN weight centralisation).
+    """
+    with norm_settings(**norm_settings_from_config(cfg)):
+        model = d2_build_model(cfg)
+    for module in model.modules():
+        if isinstance(module, RetinaNetHead):
+            make_retinanet_head_per_level(module, module._num_features)
+    head_warmup = cfg.D2NORM.MABN.HEAD_WARMUP_ITERS
+    if head_warmup >= 0:
+        for name in _HEAD_NAMES:
+            head = getattr(model, name, None)
+            for m in head.modules() if head is not None else ():
+                if isinstance(m, MovingAverageBatchNorm2d):
+                    m.warmup_iters = head_warmup
+    prepare_model(model, centralize_weights=cfg.D2NORM.MABN.CENTRALIZE_WEIGHTS)
+    logger.info(f"Normalization layers: {norm_layer_summary(model)}")
+    return model
+
+
+def norm_layer_summary(model):
+    """``{"<top-level child>": {"<norm type>": count}}`` for every normalization layer."""
+    summary = {}
+    for name, module in model.named_modules():
+        type_name = type(module).__name__
+        if "Norm" in type_name and "List" not in type_name and name:
+            top = name.split(".")[0]
+            summary.setdefault(top, Counter())[type_name] += 1
+    return {k: dict(v) for k, v in summary.items()}

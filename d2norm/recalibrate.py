@@ -1,0 +1,182 @@
+"""PreciseBN: recompute the population statistics of every normalization layer, model fixed.
+
+"Rethinking 'Batch' in BatchNorm" (Wu & Johnson, 2021), Sec. 3 and Appendix: run the fixed model
+on ``num_iters`` training batches and pool the per-channel statistics of each norm layer's input
+over all of them, weighting every batch by its number of values N·H·W,
+
+    mean = Σ x / n,    E[x²] = Σ x² / n,    var = E[x²] - mean²   (population variance),
+
+accumulated in float64. Under ``torch.distributed`` the sums and counts are all-reduced, so every
+rank ends with the statistics of the union of all ranks' batches (fvcore's ``update_bn_stats``
+keeps per-rank statistics: detectron2 issues #5398, #5409).
+
+What is set, per layer type:
+
+- ``nn.BatchNorm*``/``nn.SyncBatchNorm`` and subclasses (``PreciseBatchNorm2d``,
+  ``CrossIterationBatchNorm2d``): ``running_mean`` and ``running_var``; a PreciseBatchNorm2d is
+  marked ``recalibrated``.
+- ``MovingAverageBatchNorm2d``: ``running_var`` := E[x²] (MABN normalises by the second moment).
+
+Which layers: a norm layer in eval mode while the model itself is in training mode is *frozen*
+(e.g. by :class:`d2norm.hooks.FreezeNormLastIters`) and keeps its statistics; it normalises with
+them during the recalibration forwards, as in training. When the model as a whole is in eval mode,
+every norm layer is recalibrated. Layers of frozen stages are never touched: detectron2's
+``FrozenBatchNorm2d`` (not a BatchNorm subclass) and MABN layers marked ``frozen`` (its analogue,
+set by :func:`d2norm.binding.prepare_model`); nor are layers with ``track_running_stats=False``.
+"""
+import itertools
+import logging
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from detectron2.utils.events import EventStorage
+
+from .layers import MovingAverageBatchNorm2d, PreciseBatchNorm2d
+
+__all__ = ["population_norm_layers", "recalibrate"]
+
+logger = logging.getLogger(__name__)
+
+
+def population_norm_layers(model):
+    """``(name, layer)`` for every norm layer of ``model`` that estimates population statistics."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if (isinstance(module, MovingAverageBatchNorm2d) and not module.frozen)
+        or (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None)
+    ]
+
+
+class _PooledMoments:
+    """Per-channel Σx, Σx² and count n of one layer's inputs, in float64 (the paper's Appendix)."""
+
+    def __init__(self, num_channels, device):
+        self.sums = torch.zeros(2 * num_channels + 1, dtype=torch.float64, device=device)
+
+    def add(self, x):
+        num_channels = x.shape[1]
+        x = x.detach().to(torch.float64)
+        dims = [d for d in range(x.dim()) if d != 1]
+        self.sums[:num_channels] += x.sum(dim=dims)
+        self.sums[num_channels:-1] += x.square().sum(dim=dims)
+        self.sums[-1] += x.numel() // num_channels
+
+    @property
+    def count(self):
+        return self.sums[-1]
+
+    def mean_and_second_moment(self):
+        num_channels = (self.sums.numel() - 1) // 2
+        return self.sums[:num_channels] / self.count, self.sums[num_channels:-1] / self.count
+
+
+@torch.no_grad()
+def recalibrate(model, data_loader, num_iters):
+    """Set the population statistics of every norm layer of ``model`` from ``num_iters`` batches.
+
+    Preconditions: ``model(batch)`` accepts each batch in training mode (detectron2 models then
+    compute losses, so batches need ground truth); every rank calls this with the same model and
+    ``num_iters``. Parameters do not change. Afterwards every module has its former train/eval
+    mode and every norm-layer buffer other than the statistics set here its former value (EMA
+    statistics, cross-iteration windows, ring buffers, counters).
+
+    Args:
+        model (nn.Module): the model; detectron2 models run inside a throw-away ``EventStorage``.
+        data_loader (iterable): yields at least ``num_iters`` batches; an iterator is advanced by
+            exactly ``num_iters``.
+        num_iters (int): batches per rank.
+    """
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+    all_layers = population_norm_layers(model)
+    # In a training model, a norm layer in eval mode is frozen: it keeps its statistics.
+    layers = [(name, layer) for name, layer in all_layers if layer.training or not model.training]
+    if not layers:
+        logger.info("Recalibration: no normalization layer to recalibrate.")
+        return
+    logger.info(f"Recalibrating the population statistics of {len(layers)} normalization layers "
+                f"over {num_iters} batches ...")
+    modes = {module: module.training for module in model.modules()}
+    saved = {layer: [b.clone() for b in layer.buffers()] for _, layer in all_layers}
+    moments = {layer: _PooledMoments(layer.running_var.numel(), layer.running_var.device)
+               for _, layer in layers}
+    try:
+        if not model.training:  # an eval model is recalibrated as a whole, in training mode
+            model.train()
+        _run(model, data_loader, num_iters, layers, moments)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+        for layer, buffers in saved.items():
+            for buffer, value in zip(layer.buffers(), buffers):
+                buffer.copy_(value)
+    _all_reduce([m.sums for m in moments.values()])
+    _set_statistics(layers, moments)
+
+
+def _run(model, data_loader, num_iters, layers, moments):
+    names = {layer: name for name, layer in layers}
+    called = set()
+
+    def accumulate(layer, inputs):
+        if layer in called:
+            raise RuntimeError(
+                f"Normalization layer {names[layer]!r} was called more than once in one forward: "
+                "a norm shared by several inputs (e.g. FPN levels) has no single population; give "
+                "each input its own norm (d2norm.layers.per_level.PerLevelNorm)."
+            )
+        called.add(layer)
+        moments[layer].add(inputs[0])
+
+    handles = [layer.register_forward_pre_hook(accumulate) for _, layer in layers]
+    log_every = max(1, num_iters // 5)
+    done = 0
+    try:
+        with EventStorage():  # detectron2 models log in training mode; discard those events
+            for batch in itertools.islice(data_loader, num_iters):
+                called.clear()
+                model(batch)
+                done += 1
+                if done % log_every == 0 or done == num_iters:
+                    logger.info(f"Recalibration: {done}/{num_iters} batches.")
+    finally:
+        for handle in handles:
+            handle.remove()
+    if done != num_iters:
+        raise RuntimeError(
+            f"Recalibration needs {num_iters} batches but the data loader yielded only {done}."
+        )
+
+
+def _all_reduce(tensors):
+    """Sum ``tensors`` over all ranks in one collective (no-op without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _set_statistics(layers, moments):
+    unseen = []
+    for name, layer in layers:
+        pooled = moments[layer]
+        if pooled.count == 0:
+            unseen.append(name)
+            continue
+        mean, second_moment = pooled.mean_and_second_moment()
+        if isinstance(layer, MovingAverageBatchNorm2d):
+            layer.running_var.copy_(second_moment.view_as(layer.running_var))
+            continue
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_((second_moment - mean.square()).clamp_(min=0))
+        if isinstance(layer, PreciseBatchNorm2d):
+            layer.recalibrated.fill_(True)
+    if unseen:
+        logger.warning(f"Recalibration: {len(unseen)} normalization layers received no input and "
+                       f"keep their statistics: {', '.join(unseen)}")

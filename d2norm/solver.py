@@ -1,0 +1,65 @@
+"""Optimizer construction that treats d2norm layers as normalization layers.
+
+Detectron2 applies ``SOLVER.WEIGHT_DECAY_NORM`` only to parameters owned by a fixed tuple of torch
+norm types (detectron2.md §2.3). CBN and PreciseBN subclass ``nn.BatchNorm2d`` and are covered;
+MABN and the per-level wrapper (shared affine) are not, so they would silently get the full weight
+decay. This module builds the same parameter groups with d2norm types included.
+"""
+import torch
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+from .layers.mabn import MovingAverageBatchNorm2d
+from .layers.per_level import PerLevelNorm
+
+__all__ = ["NORM_MODULE_TYPES", "get_optimizer_param_groups", "build_optimizer"]
+
+NORM_MODULE_TYPES = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+    MovingAverageBatchNorm2d,
+    PerLevelNorm,
+)
+
+
+def get_optimizer_param_groups(model, base_lr, weight_decay, weight_decay_norm, bias_lr_factor=1.0,
+                               weight_decay_bias=None):
+    """One group per parameter, with detectron2's rules: norm-owned parameters get
+    ``weight_decay_norm``; parameters named ``bias`` get ``base_lr * bias_lr_factor`` and
+    ``weight_decay_bias`` (default: ``weight_decay``). Frozen and duplicate parameters are skipped."""
+    if weight_decay_bias is None:
+        weight_decay_bias = weight_decay
+    groups, seen = [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or param in seen:
+                continue
+            seen.add(param)
+            lr, wd = base_lr, weight_decay
+            if isinstance(module, NORM_MODULE_TYPES):
+                wd = weight_decay_norm
+            if name == "bias":
+                lr, wd = base_lr * bias_lr_factor, weight_decay_bias
+            groups.append({"params": [param], "lr": lr, "weight_decay": wd})
+    return groups
+
+
+def build_optimizer(cfg, model):
+    """SGD (momentum, nesterov) over :func:`get_optimizer_param_groups`, with ``SOLVER.CLIP_GRADIENTS``."""
+    groups = get_optimizer_param_groups(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
+    return sgd(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)

@@ -1,0 +1,486 @@
+#!/usr/bin/env python
+"""Speed and memory of the d2norm layers next to BatchNorm, in one run (``make bench``).
+
+1. A conv3x3 + norm block, forward + backward per step: ``nn.BatchNorm2d``, d2norm's CBN (window k,
+   past burn-in, bound to its conv by ``d2norm.prepare_model``), MABN (past warm-up, weight-centralised
+   conv) and an official-style CBN written here from cbn_mabn.md §A.4.1/§A.7 (two ``autograd.grad``
+   calls per step; a weight copy and two weight-sized gradients kept per past iteration).
+2. One Mask R-CNN R50-FPN training step (forward, backward, SGD step) on a synthetic batch of two
+   images, with BN, CBN or MABN in the FPN, the 4conv1fc box head and the mask head.
+
+Times are medians over the measured steps, which run interleaved across the variants so that a
+change in machine load hits them alike. Peak memory is measured on one extra step per variant: the
+most tensor memory allocated at once above what was allocated when the step began
+(``torch.cuda.max_memory_allocated`` on CUDA; on CPU, the live storages of every tensor that an
+aten op returns, tracked by a dispatch mode, so an op's internal scratch space is not counted).
+Prints markdown tables of absolute numbers and ratios to BN; ``--json PATH`` also writes them.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import d2norm
+from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+from d2norm.layers.weight_centralization import is_weight_centralized
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DETECTOR_CONFIG = REPO / "configs" / "CBN" / "mask_rcnn_R_50_FPN_1x_bn.yaml"
+MIB = 2.0**20
+NORM_TYPES = {"BN": nn.BatchNorm2d, "CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d}
+
+
+# ---------------------------------------------------------------------------------------- memory
+class _LiveStorages(TorchDispatchMode):
+    """Running total and peak of the bytes held by storages that ops create inside the mode.
+
+    An op output that aliases one of its inputs (views, in-place ops) allocates nothing; a storage
+    leaves the total when it is freed (weak reference callback).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _release(self, key, _ref):
+        self.current -= self.live.pop(key)[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in inputs or key in self.live:
+                continue
+            self.live[key] = (size, weakref.ref(storage, lambda ref, key=key: self._release(key, ref)))
+            self.current += size
+            self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_step_memory(step, device):
+    """Run ``step()`` once; bytes of the peak tensor memory above the allocation at its start."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    with _LiveStorages() as tracker:
+        step()
+    return tracker.peak
+
+
+def memory_method(device):
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated minus the allocation at step start"
+    return "peak of live tensor storages created during the step (TorchDispatchMode tracker; op scratch space excluded)"
+
+
+def timed(step, device):
+    """Wall-clock seconds of ``step()``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------------------- official-style CBN
+class OfficialStyleCrossIterationBN(nn.Module):
+    """Baseline with the official CBN's bookkeeping (cbn_mabn.md §A.4.1, §A.7), for cost comparison.
+
+    Each training step takes d mean/dW and d mean(x²)/dW by two ``torch.autograd.grad`` calls on the
+    retained graph, compensates every stored iteration by ``<G_old, W_t - W_old>_c``, pools the
+    valid entries, and prepends (mean, mean(x²), both gradients, a copy of W_t) to Python lists of
+    at most ``window - 1`` entries. Eps inside the square root, as d2norm's CBN.
+    """
+
+    def __init__(self, num_features, window=8, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.past, self.momentum, self.eps = window - 1, momentum, eps
+        self.history = []  # newest first: (mean, mean_sq, d mean/dW, d mean_sq/dW, W copy)
+
+    def forward(self, x, conv_weight):
+        mean, mean_sq = x.mean((0, 2, 3)), x.square().mean((0, 2, 3))
+        ones = torch.ones_like(mean)
+        (mean_grad,) = torch.autograd.grad(mean, conv_weight, ones, retain_graph=True)
+        (mean_sq_grad,) = torch.autograd.grad(mean_sq, conv_weight, ones, retain_graph=True)
+        w = conv_weight.detach()
+        means, mean_sqs = [mean], [mean_sq]
+        for old_mean, old_mean_sq, old_mean_grad, old_mean_sq_grad, old_w in self.history:
+            delta = w - old_w
+            means.append(old_mean + (old_mean_grad * delta).flatten(1).sum(1))
+            mean_sqs.append(old_mean_sq + (old_mean_sq_grad * delta).flatten(1).sum(1))
+        means, mean_sqs = torch.stack(means), torch.stack(mean_sqs)
+        valid = mean_sqs - means.square() >= 0
+        count = valid.sum(0)
+        pooled_mean = torch.where(valid, means, 0).sum(0) / count
+        pooled_var = torch.where(valid, mean_sqs, 0).sum(0) / count - pooled_mean.square()
+        self.history.insert(0, (mean.detach(), mean_sq.detach(), mean_grad, mean_sq_grad, w.clone()))
+        del self.history[self.past:]
+        with torch.no_grad():
+            samples = x.numel() // x.shape[1]
+            unbiased_var = (mean_sq - mean.square()) * (samples / (samples - 1))
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(unbiased_var, self.momentum)
+        scale = self.weight * torch.rsqrt(pooled_var + self.eps)
+        return (x - pooled_mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
+
+    def window_state_bytes(self):
+        return tensor_bytes(t for entry in self.history for t in entry)
+
+
+class _ConvOfficialStyleCBN(nn.Module):
+    def __init__(self, conv, norm):
+        super().__init__()
+        self.conv, self.norm = conv, norm
+
+    def forward(self, x):
+        return self.norm(self.conv(x), self.conv.weight)
+
+
+# -------------------------------------------------------------------------------- block benchmark
+def window_state_bytes(model):
+    """Bytes of the cross-iteration state: CBN history buffers, MABN ring buffers, official lists."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, CrossIterationBatchNorm2d):
+            total += tensor_bytes(b for name, b in m.named_buffers(recurse=False) if name.startswith("history_"))
+        elif isinstance(m, MovingAverageBatchNorm2d):
+            total += tensor_bytes([m.buffer_x2, m.buffer_gz])
+        elif isinstance(m, OfficialStyleCrossIterationBN):
+            total += m.window_state_bytes()
+    return total
+
+
+def skip_mabn_warmup(model):
+    """Advance every MABN counter to the end of warm-up and the renorm-free phase, so the next step
+    uses the moving averages and the clipped renorm factor (the schedule is evaluated on the device,
+    so step cost does not depend on the phase)."""
+    for m in model.modules():
+        if isinstance(m, MovingAverageBatchNorm2d):
+            m.iters.fill_(max(m.iters.item(), m.warmup_iters, m.renorm_free_iters, m.buffer_size))
+
+
+def build_blocks(channels, window, device):
+    def conv():
+        torch.manual_seed(0)
+        return nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    blocks = {
+        "BN": nn.Sequential(conv(), nn.BatchNorm2d(channels)),
+        "CBN": d2norm.prepare_model(nn.Sequential(conv(), CrossIterationBatchNorm2d(channels, window=window))),
+        "MABN": d2norm.prepare_model(nn.Sequential(conv(), MovingAverageBatchNorm2d(channels))),
+        "official-style CBN": _ConvOfficialStyleCBN(conv(), OfficialStyleCrossIterationBN(channels, window=window)),
+    }
+    assert is_weight_centralized(blocks["MABN"][0])
+    skip_mabn_warmup(blocks["MABN"])
+    return {name: block.to(device).train() for name, block in blocks.items()}
+
+
+def run_block_benchmark(args, device):
+    """Forward + backward of conv3x3 + norm; the conv weight moves by an SGD step between steps."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.channels, args.size, args.size)
+    x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    grad_out = torch.randn(shape, generator=gen).to(device)
+    blocks = build_blocks(args.channels, args.window, device)
+
+    def step_of(block):
+        def step():
+            block(x).backward(grad_out)
+
+        def update():
+            with torch.no_grad():
+                for p in block.parameters():
+                    p.sub_(p.grad, alpha=1e-3)
+            block.zero_grad(set_to_none=True)
+            x.grad = None
+
+        return step, update
+
+    steps = {name: step_of(block) for name, block in blocks.items()}
+    times = {name: [] for name in blocks}
+    for i in range(args.warmup + args.repeats):
+        for name, (step, update) in steps.items():
+            seconds = timed(step, device)
+            update()
+            if i >= args.warmup:
+                times[name].append(seconds)
+    results = {}
+    for name, (step, update) in steps.items():
+        peak = peak_step_memory(step, device)
+        update()
+        results[name] = {
+            "time_s": statistics.median(times[name]),
+            "times_s": times[name],
+            "peak_bytes": peak,
+            "window_state_bytes": window_state_bytes(blocks[name]),
+        }
+    cbn = blocks["CBN"][1]
+    official = blocks["official-style CBN"].norm
+    return {
+        "config": {
+            "batch": args.batch, "channels": args.channels, "size": args.size, "window": args.window,
+            "warmup_steps": args.warmup, "measured_steps": args.repeats, "input_requires_grad": True,
+        },
+        "window_filled": {"CBN": int(cbn.history_length), "official-style CBN": len(official.history),
+                          "max": args.window - 1},
+        "results": results,
+        "ratios": {
+            "CBN/BN": _ratios(results["CBN"], results["BN"]),
+            "MABN/BN": _ratios(results["MABN"], results["BN"]),
+            "official-style CBN/BN": _ratios(results["official-style CBN"], results["BN"]),
+            "CBN/official-style CBN": _ratios(results["CBN"], results["official-style CBN"], state=True),
+        },
+    }
+
+
+def _ratios(a, b, state=False):
+    ratios = {"time": a["time_s"] / b["time_s"], "peak_memory": a["peak_bytes"] / b["peak_bytes"]}
+    if state:
+        ratios["window_state"] = a["window_state_bytes"] / b["window_state_bytes"]
+    return ratios
+
+
+# ----------------------------------------------------------------------------- detector benchmark
+def build_detector(norm, args, device):
+    from detectron2.config import get_cfg
+
+    from d2norm.modeling import build_model
+
+    cfg = get_cfg()
+    d2norm.add_d2norm_config(cfg)
+    cfg.merge_from_file(str(args.detector_config))
+    cfg.merge_from_list([
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", str(device), "MODEL.MASK_ON", True,
+        "MODEL.FPN.NORM", norm, "MODEL.ROI_BOX_HEAD.NORM", norm, "MODEL.ROI_MASK_HEAD.NORM", norm,
+        "D2NORM.CBN.BURNIN_ITERS", 0, *args.detector_opts,
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    skip_mabn_warmup(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.detector_lr, momentum=0.9)
+    return cfg, model, optimizer
+
+
+def synthetic_batch(size, num_images=2, objects=4, num_classes=80):
+    """Noise images with ``objects`` random boxes each, box-shaped masks (BGR, 0-255, CHW)."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    gen = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(num_images):
+        image = torch.randint(0, 256, (3, size, size), generator=gen).float()
+        lo = torch.randint(0, int(size * 0.6), (objects, 2), generator=gen).float()
+        extent = torch.randint(int(size * 0.15), int(size * 0.4), (objects, 2), generator=gen).float()
+        boxes = torch.cat([lo, (lo + extent).clamp(max=size - 1)], dim=1)
+        masks = torch.zeros(objects, size, size, dtype=torch.bool)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+            masks[k, y0:y1, x0:x1] = True
+        instances = Instances((size, size))
+        instances.gt_boxes = Boxes(boxes)
+        instances.gt_classes = torch.randint(0, num_classes, (objects,), generator=gen)
+        instances.gt_masks = BitMasks(masks)
+        batch.append({"image": image, "instances": instances, "height": size, "width": size})
+    return batch
+
+
+def run_detector_benchmark(args, device):
+    """One training step (forward, backward, SGD step) of Mask R-CNN per norm, interleaved."""
+    norms = tuple(NORM_TYPES)
+    models = {norm: build_detector(norm, args, device) for norm in norms}
+    cfg = models["BN"][0]
+    batch = synthetic_batch(args.detector_size, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+    def step_of(model, optimizer):
+        def step():
+            losses = model(batch)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite detector loss: { {k: float(v) for k, v in losses.items()} }")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    steps = {norm: step_of(model, optimizer) for norm, (_, model, optimizer) in models.items()}
+    times = {norm: [] for norm in norms}
+    for i in range(args.detector_warmup + args.detector_steps):
+        for norm, step in steps.items():
+            seconds = timed(step, device)
+            if i >= args.detector_warmup:
+                times[norm].append(seconds)
+    results = {}
+    for norm, step in steps.items():
+        model = models[norm][1]
+        cbn = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+        mabn = [m for m in model.modules() if isinstance(m, MovingAverageBatchNorm2d)]
+        results[norm] = {
+            "time_s": statistics.median(times[norm]),
+            "times_s": times[norm],
+            "peak_bytes": peak_step_memory(step, device),
+            "window_state_bytes": window_state_bytes(model),
+            "norm_layers": sum(type(m) is NORM_TYPES[norm] for m in model.modules()),
+            "cbn_layers_pooling": sum(int(m.history_length) > 0 for m in cbn),
+            "mabn_layers_past_warmup": sum(int(m.iters) > max(m.warmup_iters, m.renorm_free_iters, m.buffer_size) for m in mabn),
+        }
+    return {
+        "config": {
+            "config_file": str(args.detector_config), "image_size": args.detector_size, "images": len(batch),
+            "warmup_steps": args.detector_warmup, "measured_steps": args.detector_steps,
+            "rois_per_image": cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE, "cbn_window": cfg.D2NORM.CBN.WINDOW,
+            "sgd_lr": args.detector_lr, "opts": list(args.detector_opts),
+        },
+        "results": results,
+        "ratios": {"CBN/BN": _ratios(results["CBN"], results["BN"]), "MABN/BN": _ratios(results["MABN"], results["BN"])},
+    }
+
+
+# ---------------------------------------------------------------------------------------- report
+def environment(device):
+    env = {
+        "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": list(os.getloadavg()),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(report):
+    env = report["environment"]
+    lines = [
+        "# d2norm norm benchmark", "",
+        f"torch {env['torch']} on {env.get('gpu', env['device'])}; {env['torch_threads']} threads, "
+        f"{env['cpu_count']} CPUs; load average (1 min) {env['load_average_1_5_15'][0]:.2f} before, "
+        f"{report['load_average_after'][0]:.2f} after.",
+        f"Peak memory: {report['memory_method']}.", "",
+    ]
+    block = report["block"]
+    c = block["config"]
+    lines += [
+        f"## conv3x3 {c['channels']}->{c['channels']} + norm, N={c['batch']}, {c['size']}x{c['size']}: forward + backward",
+        "",
+        f"Median of {c['measured_steps']} steps after {c['warmup_steps']} warm-up steps; CBN window k={c['window']} "
+        f"(stored iterations: ours {block['window_filled']['CBN']}, official-style "
+        f"{block['window_filled']['official-style CBN']}, of {block['window_filled']['max']}); MABN past warm-up.",
+        "",
+        _row(["norm", "time (ms)", "time / BN", "peak memory (MiB)", "memory / BN", "window state (MiB)"]),
+        _row(["---"] + ["---:"] * 5),
+    ]
+    bn = block["results"]["BN"]
+    for name, r in block["results"].items():
+        lines.append(_row([
+            name, f"{r['time_s'] * 1e3:.1f}", f"{r['time_s'] / bn['time_s']:.2f}",
+            f"{r['peak_bytes'] / MIB:.2f}", f"{r['peak_bytes'] / bn['peak_bytes']:.2f}",
+            f"{r['window_state_bytes'] / MIB:.2f}",
+        ]))
+    lines += ["", _row(["ratio", "time", "peak memory", "window state"]), _row(["---", "---:", "---:", "---:"])]
+    for name, r in block["ratios"].items():
+        state = f"{r['window_state']:.2f}" if "window_state" in r else ""
+        lines.append(_row([name, f"{r['time']:.2f}", f"{r['peak_memory']:.2f}", state]))
+    detector = report.get("detector")
+    if detector:
+        c = detector["config"]
+        lines += [
+            "",
+            f"## Mask R-CNN training step ({Path(c['config_file']).name}), {c['images']} images of "
+            f"{c['image_size']}x{c['image_size']}, norm in FPN + box head + mask head",
+            "",
+            f"Forward + backward + SGD step; median of {c['measured_steps']} steps after {c['warmup_steps']} warm-up "
+            f"steps; {c['rois_per_image']} RoIs per image; CBN window k={c['cbn_window']}, burn-in 0.",
+            "",
+            _row(["norm", "step time (s)", "time / BN", "peak memory (MiB)", "memory / BN", "window state (MiB)", "norm layers"]),
+            _row(["---"] + ["---:"] * 6),
+        ]
+        bn = detector["results"]["BN"]
+        for name, r in detector["results"].items():
+            active = {"CBN": f" ({r['cbn_layers_pooling']} pooling)", "MABN": f" ({r['mabn_layers_past_warmup']} past warm-up)"}
+            lines.append(_row([
+                name, f"{r['time_s']:.2f}", f"{r['time_s'] / bn['time_s']:.2f}",
+                f"{r['peak_bytes'] / MIB:.1f}", f"{r['peak_bytes'] / bn['peak_bytes']:.2f}",
+                f"{r['window_state_bytes'] / MIB:.2f}", f"{r['norm_layers']}{active.get(name, '')}",
+            ]))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--batch", type=int, default=2, help="block: N")
+    p.add_argument("--channels", type=int, default=256, help="block: C_in = C_out")
+    p.add_argument("--size", type=int, default=None, help="block: H = W (default 32 on CPU, 64 on CUDA)")
+    p.add_argument("--window", type=int, default=8, help="CBN window k (ours and official-style)")
+    p.add_argument("--warmup", type=int, default=None, help="block: warm-up steps (default: the window, so it fills)")
+    p.add_argument("--repeats", type=int, default=10, help="block: measured steps")
+    p.add_argument("--skip-detector", action="store_true", help="only the block benchmark")
+    p.add_argument("--detector-config", type=Path, default=DEFAULT_DETECTOR_CONFIG, help="Mask R-CNN base config")
+    p.add_argument("--detector-size", type=int, default=320, help="synthetic image side (pixels)")
+    p.add_argument("--detector-warmup", type=int, default=2, help="detector warm-up steps (fills CBN history)")
+    p.add_argument("--detector-steps", type=int, default=3, help="detector measured steps")
+    p.add_argument("--detector-lr", type=float, default=1e-3, help="SGD learning rate of the detector steps")
+    p.add_argument("--detector-opts", nargs="*", default=[], metavar="KEY VALUE", help="extra config overrides")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.size is None:
+        args.size = 64 if device.type == "cuda" else 32
+    if args.warmup is None:
+        args.warmup = args.window
+    if min(args.repeats, args.detector_steps) < 1 or args.window < 2:
+        p.error("--repeats and --detector-steps must be >= 1 and --window >= 2")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {"environment": environment(device), "memory_method": memory_method(device)}
+    report["block"] = run_block_benchmark(args, device)
+    report["detector"] = None if args.skip_detector else run_detector_benchmark(args, device)
+    report["load_average_after"] = list(os.getloadavg())
+    print(markdown(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
