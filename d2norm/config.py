@@ -92,3 +92,29 @@ def norm_settings_from_config(cfg):
             "ema_decay": float(d.MABN.EMA_DECAY),
         },
     }
+
+
+def scale_norm_iterations(cfg, num_workers):
+    """Rescale ``D2NORM`` iteration counts as detectron2's ``auto_scale_workers`` rescales the schedule.
+
+    With ``SOLVER.REFERENCE_WORLD_SIZE`` set, detectron2 keeps the per-GPU batch and divides
+    ``MAX_ITER``/``STEPS``/warm-up by ``num_workers / REFERENCE_WORLD_SIZE``; burn-in and warm-up
+    lengths measured in iterations must follow, or "3 epochs of burn-in" changes meaning. Window and
+    buffer sizes stay (they count iterations of the per-GPU batch). Returns a new config.
+    """
+    ref = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if ref == 0 or ref == num_workers:
+        return cfg
+    scale = num_workers / ref
+    cfg = cfg.clone()
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    d = cfg.D2NORM
+    d.CBN.BURNIN_ITERS = int(round(d.CBN.BURNIN_ITERS / scale))
+    if d.MABN.HEAD_WARMUP_ITERS > 0:
+        d.MABN.HEAD_WARMUP_ITERS = int(round(d.MABN.HEAD_WARMUP_ITERS / scale))
+    d.FREEZE_NORM_LAST_ITERS = int(round(d.FREEZE_NORM_LAST_ITERS / scale))
+    d.PRECISE_BN.PERIOD = int(round(d.PRECISE_BN.PERIOD / scale))
+    if frozen:
+        cfg.freeze()
+    return cfg

@@ -53,3 +53,23 @@ def test_values_from_a_yaml_file_are_validated(cfg, tmp_path):
     cfg.merge_from_file(str(path))
     with pytest.raises(D2NormConfigError, match="D2NORM.CBN.WINDOW"):
         validate_d2norm_config(cfg)
+
+
+def test_norm_iteration_counts_follow_detectron2_world_size_scaling(cfg):
+    """At 4 GPUs instead of the reference 8, the schedule doubles; so must burn-in and warm-ups."""
+    from detectron2.engine import DefaultTrainer
+
+    from d2norm.config import scale_norm_iterations
+
+    cfg.merge_from_list([
+        "SOLVER.IMS_PER_BATCH", 16, "SOLVER.REFERENCE_WORLD_SIZE", 8, "SOLVER.MAX_ITER", 1000,
+        "D2NORM.CBN.BURNIN_ITERS", 300, "D2NORM.CBN.WINDOW", 8, "D2NORM.MABN.HEAD_WARMUP_ITERS", 100,
+        "D2NORM.MABN.BUFFER_SIZE", 16, "D2NORM.FREEZE_NORM_LAST_ITERS", 50,
+    ])
+    scaled = DefaultTrainer.auto_scale_workers(scale_norm_iterations(cfg, 4), 4)
+    assert scaled.SOLVER.MAX_ITER == 2000
+    assert scaled.D2NORM.CBN.BURNIN_ITERS == 600
+    assert scaled.D2NORM.MABN.HEAD_WARMUP_ITERS == 200
+    assert scaled.D2NORM.FREEZE_NORM_LAST_ITERS == 100
+    assert (scaled.D2NORM.CBN.WINDOW, scaled.D2NORM.MABN.BUFFER_SIZE) == (8, 16)
+    assert scale_norm_iterations(cfg, 8) is cfg

@@ -22,7 +22,7 @@ from d2norm.layers.weight_centralization import (
     is_weight_centralized,
 )
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(__file__).resolve().parent / "reference"  # copied from shared/reference (official-code trajectories)
 EPS = 1e-5
 
 

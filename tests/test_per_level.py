@@ -55,15 +55,17 @@ def test_builtin_bn_heads_are_left_to_detectron2():
     assert make_retinanet_head_per_level(_head("BN"), NUM_LEVELS) == 0
 
 
-def test_levels_keep_the_layer_settings_and_the_shared_affine_starts_from_its_parameters():
+def test_levels_keep_the_layer_settings_and_state_and_the_shared_affine_its_parameters():
     layer = CrossIterationBatchNorm2d(4, window=5, burnin_iters=7, momentum=0.3, eps=1e-3)
     with torch.no_grad():
         layer.weight.fill_(2.0)
         layer.bias.fill_(-1.0)
+        layer.running_mean.fill_(0.5)  # e.g. loaded from a checkpoint before the conversion
     per_level = PerLevelNorm.from_layer(layer, NUM_LEVELS)
     for level in per_level.per_level_layers():
         assert type(level) is CrossIterationBatchNorm2d
         assert (level.window, level.burnin_iters, level.momentum, level.eps) == (5, 7, 0.3, 1e-3)
+        assert torch.equal(level.running_mean, layer.running_mean)
     assert torch.equal(per_level.weight, layer.weight) and torch.equal(per_level.bias, layer.bias)
     settings = dict(buffer_size=3, warmup_iters=5, renorm_free_iters=9, rmax=2.0, ema_decay=0.9)
     for level in PerLevelNorm.from_layer(MovingAverageBatchNorm2d(4, **settings), 2).per_level_layers():

@@ -71,18 +71,26 @@ class _LiveStorages(TorchDispatchMode):
         return out
 
 
-def peak_step_memory(step, device):
-    """Run ``step()`` once; bytes of the peak tensor memory above the allocation at its start."""
+def step_memory(forward, backward, device):
+    """Run ``backward(forward())`` once. Returns bytes above the allocation at the start of the step:
+    ``(held after forward, peak)``."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
-        step()
+        out = forward()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
+        after_forward = torch.cuda.memory_allocated(device) - start
+        backward(out)
+        del out
+        torch.cuda.synchronize(device)
+        return after_forward, torch.cuda.max_memory_allocated(device) - start
     with _LiveStorages() as tracker:
-        step()
-    return tracker.peak
+        out = forward()
+        after_forward = tracker.current
+        backward(out)
+        del out
+    return after_forward, tracker.peak
 
 
 def memory_method(device):
@@ -91,12 +99,12 @@ def memory_method(device):
     return "peak of live tensor storages created during the step (TorchDispatchMode tracker; op scratch space excluded)"
 
 
-def timed(step, device):
-    """Wall-clock seconds of ``step()``."""
+def timed(forward, backward, device):
+    """Wall-clock seconds of ``backward(forward())``."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    step()
+    backward(forward())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -211,34 +219,31 @@ def run_block_benchmark(args, device):
     grad_out = torch.randn(shape, generator=gen).to(device)
     blocks = build_blocks(args.channels, args.window, device)
 
-    def step_of(block):
-        def step():
-            block(x).backward(grad_out)
+    def backward(y):
+        y.backward(grad_out)
 
-        def update():
-            with torch.no_grad():
-                for p in block.parameters():
-                    p.sub_(p.grad, alpha=1e-3)
-            block.zero_grad(set_to_none=True)
-            x.grad = None
+    def update(block):
+        with torch.no_grad():
+            for p in block.parameters():
+                p.sub_(p.grad, alpha=1e-3)
+        block.zero_grad(set_to_none=True)
+        x.grad = None
 
-        return step, update
-
-    steps = {name: step_of(block) for name, block in blocks.items()}
     times = {name: [] for name in blocks}
     for i in range(args.warmup + args.repeats):
-        for name, (step, update) in steps.items():
-            seconds = timed(step, device)
-            update()
+        for name, block in blocks.items():
+            seconds = timed(lambda: block(x), backward, device)
+            update(block)
             if i >= args.warmup:
                 times[name].append(seconds)
     results = {}
-    for name, (step, update) in steps.items():
-        peak = peak_step_memory(step, device)
-        update()
+    for name, block in blocks.items():
+        after_forward, peak = step_memory(lambda: block(x), backward, device)
+        update(block)
         results[name] = {
             "time_s": statistics.median(times[name]),
             "times_s": times[name],
+            "forward_bytes": after_forward,
             "peak_bytes": peak,
             "window_state_bytes": window_state_bytes(blocks[name]),
         }
@@ -262,7 +267,11 @@ def run_block_benchmark(args, device):
 
 
 def _ratios(a, b, state=False):
-    ratios = {"time": a["time_s"] / b["time_s"], "peak_memory": a["peak_bytes"] / b["peak_bytes"]}
+    ratios = {
+        "time": a["time_s"] / b["time_s"],
+        "peak_memory": a["peak_bytes"] / b["peak_bytes"],
+        "forward_memory": a["forward_bytes"] / b["forward_bytes"],
+    }
     if state:
         ratios["window_state"] = a["window_state_bytes"] / b["window_state_bytes"]
     return ratios
@@ -314,39 +323,49 @@ def synthetic_batch(size, num_images=2, objects=4, num_classes=80):
 
 def run_detector_benchmark(args, device):
     """One training step (forward, backward, SGD step) of Mask R-CNN per norm, interleaved."""
+    from detectron2.utils.events import EventStorage
+
     norms = tuple(NORM_TYPES)
     models = {norm: build_detector(norm, args, device) for norm in norms}
     cfg = models["BN"][0]
     batch = synthetic_batch(args.detector_size, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
     def step_of(model, optimizer):
-        def step():
+        def forward():
             losses = model(batch)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite detector loss: { {k: float(v) for k, v in losses.items()} }")
+            return loss
+
+        def backward(loss):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        return step
+        return forward, backward
 
     steps = {norm: step_of(model, optimizer) for norm, (_, model, optimizer) in models.items()}
     times = {norm: [] for norm in norms}
-    for i in range(args.detector_warmup + args.detector_steps):
-        for norm, step in steps.items():
-            seconds = timed(step, device)
-            if i >= args.detector_warmup:
-                times[norm].append(seconds)
+    memory = {}
+    with EventStorage(0):  # detectron2's losses log into it
+        for i in range(args.detector_warmup + args.detector_steps):
+            for norm, (forward, backward) in steps.items():
+                seconds = timed(forward, backward, device)
+                if i >= args.detector_warmup:
+                    times[norm].append(seconds)
+        for norm, (forward, backward) in steps.items():
+            memory[norm] = step_memory(forward, backward, device)
     results = {}
-    for norm, step in steps.items():
+    for norm in norms:
         model = models[norm][1]
         cbn = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
         mabn = [m for m in model.modules() if isinstance(m, MovingAverageBatchNorm2d)]
         results[norm] = {
             "time_s": statistics.median(times[norm]),
             "times_s": times[norm],
-            "peak_bytes": peak_step_memory(step, device),
+            "forward_bytes": memory[norm][0],
+            "peak_bytes": memory[norm][1],
             "window_state_bytes": window_state_bytes(model),
             "norm_layers": sum(type(m) is NORM_TYPES[norm] for m in model.modules()),
             "cbn_layers_pooling": sum(int(m.history_length) > 0 for m in cbn),
@@ -380,6 +399,29 @@ def _row(cells):
     return "| " + " | ".join(cells) + " |"
 
 
+def _results_table(results, time_unit, time_scale, extra=None):
+    """Absolute numbers and ratios to the ``BN`` row; ``extra(name, result)`` adds a last column."""
+    header = [
+        "norm", f"time ({time_unit})", "time / BN", "peak memory (MiB)", "peak / BN",
+        "held after forward (MiB)", "held / BN", "window state (MiB)",
+    ]
+    if extra:
+        header.append(extra[0])
+    lines = [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
+    bn = results["BN"]
+    for name, r in results.items():
+        cells = [
+            name, f"{r['time_s'] * time_scale:.{1 if time_scale > 1 else 2}f}", f"{r['time_s'] / bn['time_s']:.2f}",
+            f"{r['peak_bytes'] / MIB:.2f}", f"{r['peak_bytes'] / bn['peak_bytes']:.2f}",
+            f"{r['forward_bytes'] / MIB:.2f}", f"{r['forward_bytes'] / bn['forward_bytes']:.2f}",
+            f"{r['window_state_bytes'] / MIB:.2f}",
+        ]
+        if extra:
+            cells.append(extra[1](name, r))
+        lines.append(_row(cells))
+    return lines
+
+
 def markdown(report):
     env = report["environment"]
     lines = [
@@ -387,53 +429,44 @@ def markdown(report):
         f"torch {env['torch']} on {env.get('gpu', env['device'])}; {env['torch_threads']} threads, "
         f"{env['cpu_count']} CPUs; load average (1 min) {env['load_average_1_5_15'][0]:.2f} before, "
         f"{report['load_average_after'][0]:.2f} after.",
-        f"Peak memory: {report['memory_method']}.", "",
+        f"Memory: bytes above the allocation at the start of a step; {report['memory_method']}.", "",
     ]
     block = report["block"]
-    c = block["config"]
+    c, filled = block["config"], block["window_filled"]
     lines += [
         f"## conv3x3 {c['channels']}->{c['channels']} + norm, N={c['batch']}, {c['size']}x{c['size']}: forward + backward",
         "",
         f"Median of {c['measured_steps']} steps after {c['warmup_steps']} warm-up steps; CBN window k={c['window']} "
-        f"(stored iterations: ours {block['window_filled']['CBN']}, official-style "
-        f"{block['window_filled']['official-style CBN']}, of {block['window_filled']['max']}); MABN past warm-up.",
+        f"(stored iterations: ours {filled['CBN']}, official-style {filled['official-style CBN']}, of {filled['max']}); "
+        "MABN past warm-up, centralised conv.",
         "",
-        _row(["norm", "time (ms)", "time / BN", "peak memory (MiB)", "memory / BN", "window state (MiB)"]),
-        _row(["---"] + ["---:"] * 5),
+        *_results_table(block["results"], "ms", 1e3),
+        "",
+        _row(["ratio", "time", "peak memory", "held after forward", "window state"]),
+        _row(["---"] + ["---:"] * 4),
     ]
-    bn = block["results"]["BN"]
-    for name, r in block["results"].items():
-        lines.append(_row([
-            name, f"{r['time_s'] * 1e3:.1f}", f"{r['time_s'] / bn['time_s']:.2f}",
-            f"{r['peak_bytes'] / MIB:.2f}", f"{r['peak_bytes'] / bn['peak_bytes']:.2f}",
-            f"{r['window_state_bytes'] / MIB:.2f}",
-        ]))
-    lines += ["", _row(["ratio", "time", "peak memory", "window state"]), _row(["---", "---:", "---:", "---:"])]
     for name, r in block["ratios"].items():
         state = f"{r['window_state']:.2f}" if "window_state" in r else ""
-        lines.append(_row([name, f"{r['time']:.2f}", f"{r['peak_memory']:.2f}", state]))
+        lines.append(_row([name, f"{r['time']:.2f}", f"{r['peak_memory']:.2f}", f"{r['forward_memory']:.2f}", state]))
     detector = report.get("detector")
     if detector:
         c = detector["config"]
+        active = {"CBN": "cbn_layers_pooling", "MABN": "mabn_layers_past_warmup"}
+
+        def layers(name, r):
+            return f"{r['norm_layers']}" + (f" ({r[active[name]]} active)" if name in active else "")
+
         lines += [
             "",
             f"## Mask R-CNN training step ({Path(c['config_file']).name}), {c['images']} images of "
             f"{c['image_size']}x{c['image_size']}, norm in FPN + box head + mask head",
             "",
             f"Forward + backward + SGD step; median of {c['measured_steps']} steps after {c['warmup_steps']} warm-up "
-            f"steps; {c['rois_per_image']} RoIs per image; CBN window k={c['cbn_window']}, burn-in 0.",
+            f"steps; {c['rois_per_image']} RoIs per image; CBN window k={c['cbn_window']}, burn-in 0 "
+            "(active: pooling a non-empty history); MABN active: past warm-up.",
             "",
-            _row(["norm", "step time (s)", "time / BN", "peak memory (MiB)", "memory / BN", "window state (MiB)", "norm layers"]),
-            _row(["---"] + ["---:"] * 6),
+            *_results_table(detector["results"], "s", 1.0, extra=("norm layers", layers)),
         ]
-        bn = detector["results"]["BN"]
-        for name, r in detector["results"].items():
-            active = {"CBN": f" ({r['cbn_layers_pooling']} pooling)", "MABN": f" ({r['mabn_layers_past_warmup']} past warm-up)"}
-            lines.append(_row([
-                name, f"{r['time_s']:.2f}", f"{r['time_s'] / bn['time_s']:.2f}",
-                f"{r['peak_bytes'] / MIB:.1f}", f"{r['peak_bytes'] / bn['peak_bytes']:.2f}",
-                f"{r['window_state_bytes'] / MIB:.2f}", f"{r['norm_layers']}{active.get(name, '')}",
-            ]))
     return "\n".join(lines)
 
 

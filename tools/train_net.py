@@ -17,6 +17,7 @@ from detectron2.utils.logger import setup_logger
 
 import d2norm  # noqa: F401  (registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers)
 from d2norm import add_d2norm_config, validate_d2norm_config
+from d2norm.config import scale_norm_iterations
 from d2norm.distributed import cpu_ddp_compatible, launch
 from d2norm.hooks import build_norm_hooks
 from d2norm.modeling import build_model
@@ -36,6 +37,7 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with d2norm's model building, optimizer groups and norm hooks."""
 
     def __init__(self, cfg):
+        cfg = scale_norm_iterations(cfg, comm.get_world_size())
         with cpu_ddp_compatible():
             super().__init__(cfg)
 

@@ -1,0 +1,129 @@
+"""tools/benchmark_norm.py: report structure, its memory measure, and its official-style CBN baseline."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from d2norm.layers import CrossIterationBatchNorm2d
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("benchmark_norm", REPO / "tools" / "benchmark_norm.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+BLOCK_NORMS = {"BN", "CBN", "MABN", "official-style CBN"}
+TINY = ["--device", "cpu", "--channels", "8", "--size", "6", "--window", "4", "--repeats", "2", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """``--threads`` sets torch's global thread count; keep it from leaking into other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def block_report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "report.json"
+    bench.main(TINY + ["--skip-detector", "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def test_block_report_has_every_variant_and_positive_ratios(block_report):
+    block = block_report["block"]
+    assert set(block["results"]) == BLOCK_NORMS
+    for r in block["results"].values():
+        assert len(r["times_s"]) == 2 and _positive(r["time_s"])
+        assert _positive(r["peak_bytes"]) and _positive(r["forward_bytes"])
+    assert set(block["ratios"]) == {"CBN/BN", "MABN/BN", "official-style CBN/BN", "CBN/official-style CBN"}
+    for ratios in block["ratios"].values():
+        assert ratios.keys() >= {"time", "peak_memory", "forward_memory"}
+        assert all(_positive(v) for v in ratios.values())
+    assert block_report["detector"] is None  # --skip-detector
+
+
+def test_block_windows_are_full_when_timed(block_report):
+    """Warm-up defaults to the window length, so both CBNs pool k-1 past iterations while timed."""
+    assert block_report["block"]["window_filled"] == {"CBN": 3, "official-style CBN": 3, "max": 3}
+
+
+def test_window_state_of_ours_is_about_a_third_of_official(block_report):
+    """Official: a weight copy and two weight-sized gradients per past iteration (cbn_mabn.md A.7);
+    ours: one weight-sized derivative plus per-channel scalars and one mean patch."""
+    ratio = block_report["block"]["ratios"]["CBN/official-style CBN"]["window_state"]
+    assert 0.2 < ratio < 0.5
+    assert block_report["block"]["results"]["BN"]["window_state_bytes"] == 0
+
+
+def test_markdown_table_lists_absolute_numbers_and_ratios(capsys):
+    bench.main(TINY + ["--skip-detector", "--warmup", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| norm | time (ms) | time / BN |" in out
+    for name in ("| BN |", "| CBN |", "| MABN |", "| official-style CBN |", "| CBN/official-style CBN |"):
+        assert name in out
+    assert "load average" in out and "TorchDispatchMode" in out  # says how memory was measured
+
+
+def test_step_memory_counts_new_storages_only():
+    """Peak = largest sum of live tensors created in the step; views and in-place ops add nothing."""
+    def forward():
+        ones = torch.ones(1000)  # 4000 bytes, freed once the product exists
+        return ones * 2
+
+    def backward(out):
+        out.view(10, 100).add_(1)
+
+    held, peak = bench.step_memory(forward, backward, torch.device("cpu"))
+    assert (held, peak) == (4000, 8000)
+
+
+def test_official_style_baseline_computes_the_same_normalization_as_d2norm_cbn():
+    """The timing comparison is like for like: with the weight moving between steps, the baseline's
+    output and input gradient equal d2norm's CBN (same window, compensation and validity rule)."""
+    torch.manual_seed(0)
+    conv_a = nn.Conv2d(3, 5, 3, padding=1, bias=False).double()
+    conv_b = nn.Conv2d(3, 5, 3, padding=1, bias=False).double()
+    conv_b.load_state_dict(conv_a.state_dict())
+    ours = CrossIterationBatchNorm2d(5, window=3).double().bind_conv(conv_a)
+    official = bench.OfficialStyleCrossIterationBN(5, window=3).double()
+    for step in range(5):
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(conv_a(xa)), official(conv_b(xb), conv_b.weight)
+        torch.testing.assert_close(ya, yb)
+        grad = torch.randn_like(ya)
+        ya.backward(grad)
+        yb.backward(grad)
+        torch.testing.assert_close(xa.grad, xb.grad)
+        with torch.no_grad():
+            delta = 0.05 * torch.randn_like(conv_a.weight)
+            conv_a.weight += delta
+            conv_b.weight += delta
+    assert len(official.history) == 2 and int(ours.history_length) == 2
+
+
+def test_detector_report_has_bn_cbn_mabn_with_active_windows(tmp_path):
+    """A small Mask R-CNN (the demo's R-18 config) stands in for R50 to keep the test fast."""
+    path = tmp_path / "report.json"
+    bench.main(TINY + [
+        "--warmup", "1", "--repeats", "1", "--json", str(path),
+        "--detector-config", str(REPO / "configs" / "demo" / "Base-Demo-Shapes.yaml"),
+        "--detector-size", "64", "--detector-warmup", "1", "--detector-steps", "1",
+    ])
+    detector = json.loads(path.read_text())["detector"]
+    assert set(detector["results"]) == {"BN", "CBN", "MABN"}
+    for name, r in detector["results"].items():
+        assert _positive(r["time_s"]) and _positive(r["peak_bytes"]) and r["norm_layers"] > 0
+    assert detector["results"]["CBN"]["cbn_layers_pooling"] == detector["results"]["CBN"]["norm_layers"]
+    assert detector["results"]["MABN"]["mabn_layers_past_warmup"] == detector["results"]["MABN"]["norm_layers"]
+    for ratios in detector["ratios"].values():
+        assert all(_positive(v) for v in ratios.values())
