@@ -27,26 +27,26 @@ logger = logging.getLogger(__name__)
 _BOUND_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)
 
 
-def _norm_layers(module):
-    """The CBN/MABN layers that ``module`` applies to one conv output (itself or per-level children)."""
-    if isinstance(module, _BOUND_TYPES):
+def _norm_layers(module, norm_types):
+    """The layers of ``norm_types`` that ``module`` applies to one conv output (itself or per-level children)."""
+    if isinstance(module, norm_types):
         return [module]
     if isinstance(module, nn.Conv2d):
         return []
-    return [m for m in module.modules() if isinstance(m, _BOUND_TYPES)]
+    return [m for m in module.modules() if isinstance(m, norm_types)]
 
 
-def conv_norm_pairs(model):
-    """Yield ``(conv, norm_layer)`` for every CBN/MABN layer fed directly by a conv."""
+def conv_norm_pairs(model, norm_types=_BOUND_TYPES):
+    """Yield ``(conv, norm_layer)`` for every layer of ``norm_types`` fed directly by a conv."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and isinstance(getattr(module, "norm", None), nn.Module):
-            for norm in _norm_layers(module.norm):
+            for norm in _norm_layers(module.norm, norm_types):
                 yield module, norm
         elif isinstance(module, nn.Sequential):
             prev = None
             for child in module:
                 if prev is not None and isinstance(prev, nn.Conv2d):
-                    for norm in _norm_layers(child):
+                    for norm in _norm_layers(child, norm_types):
                         yield prev, norm
                 prev = child
 

@@ -45,11 +45,11 @@ def fold_norms(model):
 
 def _foldable_pairs(model):
     seen = set()
-    for conv, norm in conv_norm_pairs(model):
+    for conv, norm in conv_norm_pairs(model, _FOLDABLE):
         if id(norm) in seen:
             continue
         seen.add(id(norm))
-        if isinstance(norm, _FOLDABLE) and _is_direct_child_norm(model, conv, norm):
+        if _is_direct_child_norm(model, conv, norm):
             yield conv, norm
 
 

@@ -305,8 +305,8 @@ def test_shipped_base_configs_equal_detectron2s(name):
     assert ours.dump() == theirs.dump()
 
 
-def test_results_page_has_a_command_for_every_paper_config():
-    page = (REPO / "docs" / "paper_results.md").read_text()
+def test_readme_results_tables_have_a_command_for_every_paper_config():
+    page = (REPO / "README.md").read_text()
     for path in _paper_config_paths():
         assert f"python tools/train_net.py --config-file configs/{path} --num-gpus 8" in page, path
 
