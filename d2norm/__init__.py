@@ -9,6 +9,7 @@ from .config import add_d2norm_config, validate_d2norm_config
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from .registry import get_norm, known_norm_names, layer_settings, register_norm
 from .binding import prepare_model
+from .modeling import build_model
 from .recalibrate import recalibrate
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "get_norm",
     "known_norm_names",
     "register_norm",
+    "build_model",
     "prepare_model",
     "recalibrate",
 ]

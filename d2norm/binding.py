@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .layers.cbn import CrossIterationBatchNorm2d
 from .layers.mabn import MovingAverageBatchNorm2d
+from .layers.per_level import PerLevelNorm
 from .layers.weight_centralization import centralize_conv_weight
 
 __all__ = ["prepare_model", "conv_norm_pairs"]
@@ -31,9 +32,9 @@ def _norm_layers(module, norm_types):
     """The layers of ``norm_types`` that ``module`` applies to one conv output (itself or per-level children)."""
     if isinstance(module, norm_types):
         return [module]
-    if isinstance(module, nn.Conv2d):
-        return []
-    return [m for m in module.modules() if isinstance(m, norm_types)]
+    if isinstance(module, PerLevelNorm):
+        return [m for m in module.per_level_layers() if isinstance(m, norm_types)]
+    return []
 
 
 def conv_norm_pairs(model, norm_types=_BOUND_TYPES):
