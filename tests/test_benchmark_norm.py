@@ -73,6 +73,14 @@ def test_markdown_table_lists_absolute_numbers_and_ratios(capsys):
     assert "load average" in out and "TorchDispatchMode" in out  # says how memory was measured
 
 
+def test_time_ratio_is_the_median_of_per_round_ratios():
+    """Load that changes between rounds slows every variant of that round alike and cancels."""
+    slow_then_fast = {"times_s": [2.0, 20.0, 3.0], "peak_bytes": 2, "forward_bytes": 1}
+    baseline = {"times_s": [1.0, 10.0, 1.0], "peak_bytes": 1, "forward_bytes": 1}
+    ratios = bench._ratios(slow_then_fast, baseline)
+    assert ratios == {"time": 2.0, "peak_memory": 2.0, "forward_memory": 1.0}
+
+
 def test_step_memory_counts_new_storages_only():
     """Peak = largest sum of live tensors created in the step; views and in-place ops add nothing."""
     def forward():

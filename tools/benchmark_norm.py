@@ -8,8 +8,9 @@
 2. One Mask R-CNN R50-FPN training step (forward, backward, SGD step) on a synthetic batch of two
    images, with BN, CBN or MABN in the FPN, the 4conv1fc box head and the mask head.
 
-Times are medians over the measured steps, which run interleaved across the variants so that a
-change in machine load hits them alike. Peak memory is measured on one extra step per variant: the
+Measured steps run in rounds, each round one step of every variant in turn; times are medians over
+rounds, and time ratios medians of the per-round ratios, so a change in machine load between rounds
+cancels out. Peak memory is measured on one extra step per variant: the
 most tensor memory allocated at once above what was allocated when the step began
 (``torch.cuda.max_memory_allocated`` on CUDA; on CPU, the live storages of every tensor that an
 aten op returns, tracked by a dispatch mode, so an op's internal scratch space is not counted).
@@ -267,8 +268,10 @@ def run_block_benchmark(args, device):
 
 
 def _ratios(a, b, state=False):
+    """``a / b``; for time the median of per-round ratios (a round times every variant once in turn,
+    so a change in machine load between rounds cancels)."""
     ratios = {
-        "time": a["time_s"] / b["time_s"],
+        "time": statistics.median(ta / tb for ta, tb in zip(a["times_s"], b["times_s"])),
         "peak_memory": a["peak_bytes"] / b["peak_bytes"],
         "forward_memory": a["forward_bytes"] / b["forward_bytes"],
     }
@@ -410,10 +413,11 @@ def _results_table(results, time_unit, time_scale, extra=None):
     lines = [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
     bn = results["BN"]
     for name, r in results.items():
+        to_bn = _ratios(r, bn)
         cells = [
-            name, f"{r['time_s'] * time_scale:.{1 if time_scale > 1 else 2}f}", f"{r['time_s'] / bn['time_s']:.2f}",
-            f"{r['peak_bytes'] / MIB:.2f}", f"{r['peak_bytes'] / bn['peak_bytes']:.2f}",
-            f"{r['forward_bytes'] / MIB:.2f}", f"{r['forward_bytes'] / bn['forward_bytes']:.2f}",
+            name, f"{r['time_s'] * time_scale:.{1 if time_scale > 1 else 2}f}", f"{to_bn['time']:.2f}",
+            f"{r['peak_bytes'] / MIB:.2f}", f"{to_bn['peak_memory']:.2f}",
+            f"{r['forward_bytes'] / MIB:.2f}", f"{to_bn['forward_memory']:.2f}",
             f"{r['window_state_bytes'] / MIB:.2f}",
         ]
         if extra:
