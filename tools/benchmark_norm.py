@@ -58,7 +58,8 @@ class _LiveStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -372,7 +373,9 @@ def run_detector_benchmark(args, device):
             "window_state_bytes": window_state_bytes(model),
             "norm_layers": sum(type(m) is NORM_TYPES[norm] for m in model.modules()),
             "cbn_layers_pooling": sum(int(m.history_length) > 0 for m in cbn),
-            "mabn_layers_past_warmup": sum(int(m.iters) > max(m.warmup_iters, m.renorm_free_iters, m.buffer_size) for m in mabn),
+            "mabn_layers_past_warmup": sum(
+                int(m.iters) > max(m.warmup_iters, m.renorm_free_iters, m.buffer_size) for m in mabn
+            ),
         }
     return {
         "config": {
@@ -382,7 +385,7 @@ def run_detector_benchmark(args, device):
             "sgd_lr": args.detector_lr, "opts": list(args.detector_opts),
         },
         "results": results,
-        "ratios": {"CBN/BN": _ratios(results["CBN"], results["BN"]), "MABN/BN": _ratios(results["MABN"], results["BN"])},
+        "ratios": {name + "/BN": _ratios(results[name], results["BN"]) for name in ("CBN", "MABN")},
     }
 
 
@@ -438,10 +441,12 @@ def markdown(report):
     block = report["block"]
     c, filled = block["config"], block["window_filled"]
     lines += [
-        f"## conv3x3 {c['channels']}->{c['channels']} + norm, N={c['batch']}, {c['size']}x{c['size']}: forward + backward",
+        f"## conv3x3 {c['channels']}->{c['channels']} + norm, N={c['batch']}, {c['size']}x{c['size']}: "
+        "forward + backward",
         "",
         f"Median of {c['measured_steps']} steps after {c['warmup_steps']} warm-up steps; CBN window k={c['window']} "
-        f"(stored iterations: ours {filled['CBN']}, official-style {filled['official-style CBN']}, of {filled['max']}); "
+        f"(stored iterations: ours {filled['CBN']}, official-style {filled['official-style CBN']}, "
+        f"of {filled['max']}); "
         "MABN past warm-up, centralised conv.",
         "",
         *_results_table(block["results"], "ms", 1e3),
@@ -475,22 +480,24 @@ def markdown(report):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--batch", type=int, default=2, help="block: N")
-    p.add_argument("--channels", type=int, default=256, help="block: C_in = C_out")
-    p.add_argument("--size", type=int, default=None, help="block: H = W (default 32 on CPU, 64 on CUDA)")
-    p.add_argument("--window", type=int, default=8, help="CBN window k (ours and official-style)")
+    p.add_argument("--batch", type=int, default=2, help="block: N (default: 2)")
+    p.add_argument("--channels", type=int, default=256, help="block: C_in = C_out (default: 256)")
+    p.add_argument("--size", type=int, default=None, help="block: H = W (default: 32 on CPU, 64 on CUDA)")
+    p.add_argument("--window", type=int, default=8, help="CBN window k, ours and official-style (default: 8)")
     p.add_argument("--warmup", type=int, default=None, help="block: warm-up steps (default: the window, so it fills)")
-    p.add_argument("--repeats", type=int, default=10, help="block: measured steps")
+    p.add_argument("--repeats", type=int, default=10, help="block: measured steps (default: 10)")
     p.add_argument("--skip-detector", action="store_true", help="only the block benchmark")
-    p.add_argument("--detector-config", type=Path, default=DEFAULT_DETECTOR_CONFIG, help="Mask R-CNN base config")
-    p.add_argument("--detector-size", type=int, default=320, help="synthetic image side (pixels)")
-    p.add_argument("--detector-warmup", type=int, default=2, help="detector warm-up steps (fills CBN history)")
-    p.add_argument("--detector-steps", type=int, default=3, help="detector measured steps")
-    p.add_argument("--detector-lr", type=float, default=1e-3, help="SGD learning rate of the detector steps")
-    p.add_argument("--detector-opts", nargs="*", default=[], metavar="KEY VALUE", help="extra config overrides")
+    p.add_argument("--detector-config", type=Path, default=DEFAULT_DETECTOR_CONFIG,
+                   help="Mask R-CNN base config (default: configs/CBN/mask_rcnn_R_50_FPN_1x_bn.yaml)")
+    p.add_argument("--detector-size", type=int, default=320, help="synthetic image side in pixels (default: 320)")
+    p.add_argument("--detector-warmup", type=int, default=2, help="detector warm-up steps (default: 2)")
+    p.add_argument("--detector-steps", type=int, default=3, help="detector measured steps (default: 3)")
+    p.add_argument("--detector-lr", type=float, default=1e-3, help="SGD learning rate of the detector (default: 1e-3)")
+    p.add_argument("--detector-opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="extra detector config overrides, e.g. MODEL.RESNETS.DEPTH 101")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
