@@ -4,7 +4,7 @@ Importing this package registers the norm names ``"CBN"``, ``"MABN"`` and ``"Pre
 every Detectron2 module that builds norms through ``get_norm`` (ResNet, FPN, box/mask heads,
 RetinaNet head, …), so they can be selected from YAML.
 """
-from . import data, registry
+from . import data, registry  # noqa: F401  (importing data registers the built-in dataset)
 from .config import add_d2norm_config, validate_d2norm_config
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from .registry import get_norm, known_norm_names, layer_settings, register_norm

@@ -17,7 +17,6 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser
 from detectron2.layers import FrozenBatchNorm2d
 
-import d2norm.data  # registers d2norm_shapes_train / d2norm_shapes_val
 from d2norm.binding import conv_norm_pairs
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.weight_centralization import is_weight_centralized

@@ -127,3 +127,13 @@ def test_two_cpu_processes_train_with_gloo(tiny_splits, tmp_path):
     assert "World size: 2" in log
     assert "gloo" in proc.stdout + proc.stderr + log
     assert (out / "model_final.pth").exists()
+
+
+def test_eval_only_evaluates_a_trained_precisebn_checkpoint_without_recalibrating(tiny_splits, tmp_path):
+    """The saved model carries its recalibrated population statistics: --eval-only just evaluates."""
+    train_net = load_train_net()
+    opts = tiny_opts("PreciseBN", tmp_path, tiny_splits, max_iter=2) + ["TEST.EVAL_PERIOD", "0"]
+    train_net.main(parse(["--config-file", str(DEMO_BASE), *opts]))
+    weights = str(tmp_path / "model_final.pth")
+    results = train_net.main(parse(["--config-file", str(DEMO_BASE), "--eval-only", *opts, "MODEL.WEIGHTS", weights]))
+    assert math.isfinite(results["bbox"]["AP"]) and math.isfinite(results["segm"]["AP"])

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from .affine import register_affine
+
 __all__ = ["MovingAverageBatchNorm2d"]
 
 logger = logging.getLogger(__name__)
@@ -141,12 +143,7 @@ class MovingAverageBatchNorm2d(nn.Module):
         self.affine = affine
         # Set by the trainer for layers in frozen stages: always use the eval map.
         self.frozen = False
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_features, affine)
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("iters", torch.zeros((), dtype=torch.long))
         self.register_buffer("buffer_x2", torch.zeros(buffer_size, num_features))

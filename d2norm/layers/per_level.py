@@ -12,6 +12,8 @@ import inspect
 import torch
 import torch.nn as nn
 
+from .affine import register_affine
+
 __all__ = ["PerLevelNorm", "make_retinanet_head_per_level"]
 
 
@@ -35,12 +37,7 @@ class PerLevelNorm(nn.Module):
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         self.num_features = num_features
         self.levels = nn.ModuleList(make(num_features, affine=False) for _ in range(num_levels))
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_features, affine)
         self.position = 0
 
     @classmethod
