@@ -8,5 +8,7 @@ setup(
     python_requires=">=3.8",
     # torch, torchvision and detectron2 are installed by the Makefile (or already present on a
     # cluster); listing them here would make pip try to replace an existing from-source build.
-    install_requires=["fvcore", "pycocotools", "numpy", "opencv-python-headless"],
+    # OpenCV (any build: opencv-python or -headless, needed by the built-in dataset) is left out for
+    # the same reason, as detectron2 does.
+    install_requires=["fvcore", "pycocotools", "numpy"],
 )
