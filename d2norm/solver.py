@@ -51,8 +51,25 @@ def get_optimizer_param_groups(model, base_lr, weight_decay, weight_decay_norm, 
     return groups
 
 
+def _with_full_model_clipping(optimizer_cls, max_norm, norm_type):
+    """``optimizer_cls`` whose ``step`` first clips the norm of all gradients together."""
+
+    class FullModelGradientClippingOptimizer(optimizer_cls):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure)
+
+    return FullModelGradientClippingOptimizer
+
+
 def build_optimizer(cfg, model):
-    """SGD (momentum, nesterov) over :func:`get_optimizer_param_groups`, with ``SOLVER.CLIP_GRADIENTS``."""
+    """SGD (momentum, nesterov) over :func:`get_optimizer_param_groups`, with ``SOLVER.CLIP_GRADIENTS``.
+
+    Besides detectron2's per-parameter clip types ``"value"`` and ``"norm"``, ``CLIP_TYPE:
+    "full_model"`` clips the norm of all gradients together (mmdetection's ``grad_clip``, used by
+    the official CBN configs).
+    """
     groups = get_optimizer_param_groups(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
@@ -61,5 +78,9 @@ def build_optimizer(cfg, model):
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
     )
-    sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        sgd = _with_full_model_clipping(torch.optim.SGD, clip.CLIP_VALUE, clip.NORM_TYPE)
+    else:
+        sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
     return sgd(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)

@@ -212,7 +212,7 @@ def test_config_pins_the_paper_settings(row, output_dir):
     if recipe["CLIP"] is None:
         assert not clip.ENABLED
     else:
-        assert clip.ENABLED and (clip.CLIP_TYPE, clip.CLIP_VALUE, clip.NORM_TYPE) == ("norm", recipe["CLIP"], 2.0)
+        assert clip.ENABLED and (clip.CLIP_TYPE, clip.CLIP_VALUE, clip.NORM_TYPE) == ("full_model", recipe["CLIP"], 2.0)
     assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == recipe["MIN_SIZE_TRAIN"] and cfg.INPUT.MAX_SIZE_TRAIN == 1333
 
     assert cfg.MODEL.WEIGHTS == row["weights"]

@@ -54,3 +54,26 @@ def test_build_optimizer_skips_frozen_parameters_and_applies_clipping():
     assert all(p is not model[0].weight for p in params)
     assert len(params) == sum(1 for p in model.parameters() if p.requires_grad)
     assert "Clip" in type(opt).__name__
+
+
+def test_full_model_clipping_bounds_the_norm_of_all_gradients_together():
+    """CLIP_TYPE "full_model" (mmdetection's grad_clip, official CBN configs): one joint norm, not per parameter."""
+    import torch
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+                         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0", "SOLVER.BASE_LR", "1.0", "SOLVER.MOMENTUM", "0.0",
+                         "SOLVER.WEIGHT_DECAY", "0.0"])
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 1, bias=False))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer(cfg, model)
+    grads = [torch.full_like(p, 3.0) for p in model.parameters()]  # joint norm sqrt(12 * 9) > 1
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    opt.step()
+    steps = [b - p.detach() for b, p in zip(before, model.parameters())]
+    joint = torch.sqrt(sum((s ** 2).sum() for s in steps))
+    torch.testing.assert_close(joint, torch.tensor(1.0))
+    scale = steps[0].flatten()[0] / 3.0
+    for s in steps:  # every parameter scaled by the same factor
+        torch.testing.assert_close(s, torch.full_like(s, 3.0) * scale)
