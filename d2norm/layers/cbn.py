@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 from torch.nn.grad import conv2d_weight
 
+from .per_channel import REDUCE_DIMS, batch_norm_affine, per_channel, statistics_dtype
+
 __all__ = ["CrossIterationBatchNorm2d", "conv_statistic_gradients", "cross_iteration_batch_norm"]
 
-_REDUCE_DIMS = (0, 2, 3)  # statistics are per channel over N, H, W
 # Buffers holding the window; restored or reset together (see _load_from_state_dict).
 _WINDOW_STATE = (
     "history_length",
@@ -41,15 +42,6 @@ _WINDOW_STATE = (
     "history_mean_grad_dot_weight",
     "history_var_grad_dot_weight",
 )
-
-
-def _stat_dtype(x):
-    """float32 for half/bfloat16/float32 inputs, float64 for float64 (statistics never in half)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _per_channel(v):
-    return v.view(1, -1, 1, 1)
 
 
 def conv_statistic_gradients(conv_input, conv_output, mean, weight_shape, stride, padding, dilation, groups):
@@ -74,7 +66,7 @@ def conv_statistic_gradients(conv_input, conv_output, mean, weight_shape, stride
         conv_input.sum(0, keepdim=True), (groups, *weight_shape[1:]),
         conv_output.new_full((1, groups, h, w), 1.0 / count), stride, padding, dilation, groups,
     )
-    centred = (conv_output - _per_channel(mean)) * (2.0 / count)
+    centred = (conv_output - per_channel(mean)) * (2.0 / count)
     var_grad = conv2d_weight(conv_input, weight_shape, centred, stride, padding, dilation, groups)
     return mean_patch.reshape(-1, *weight_shape[2:]), var_grad
 
@@ -105,9 +97,9 @@ class _CrossIterationBatchNormFunction(torch.autograd.Function):
         pooled_var = (var + (mean - pooled_mean) ** 2 + spread) / count
         inv_std = torch.rsqrt(pooled_var + eps)
         scale = inv_std if weight is None else inv_std * weight.to(dtype)
-        y = (x.to(dtype) - _per_channel(pooled_mean)) * _per_channel(scale)
+        y = (x.to(dtype) - per_channel(pooled_mean)) * per_channel(scale)
         if bias is not None:
-            y = y + _per_channel(bias.to(dtype))
+            y = y + per_channel(bias.to(dtype))
         ctx.save_for_backward(x, weight, pooled_mean, inv_std, count)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(x.dtype)
@@ -117,16 +109,16 @@ class _CrossIterationBatchNormFunction(torch.autograd.Function):
         x, weight, pooled_mean, inv_std, count = ctx.saved_tensors
         dtype = pooled_mean.dtype
         g = grad_y.to(dtype)
-        x_hat = (x.to(dtype) - _per_channel(pooled_mean)) * _per_channel(inv_std)
-        sum_g = g.sum(_REDUCE_DIMS)
-        sum_g_x_hat = (g * x_hat).sum(_REDUCE_DIMS)
+        x_hat = (x.to(dtype) - per_channel(pooled_mean)) * per_channel(inv_std)
+        sum_g = g.sum(REDUCE_DIMS)
+        sum_g_x_hat = (g * x_hat).sum(REDUCE_DIMS)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # BN backward with both batch-statistic terms divided by the valid count (A.5).
             per_batch = count * (x.numel() // x.shape[1])
             scale = inv_std if weight is None else inv_std * weight.to(dtype)
-            grad_x = _per_channel(scale) * (
-                g - _per_channel(sum_g / per_batch) - x_hat * _per_channel(sum_g_x_hat / per_batch)
+            grad_x = per_channel(scale) * (
+                g - per_channel(sum_g / per_batch) - x_hat * per_channel(sum_g_x_hat / per_batch)
             )
             grad_x = grad_x.to(x.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
@@ -267,10 +259,10 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
             )
-        dtype = _stat_dtype(x)
+        dtype = statistics_dtype(x)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             xs = x.detach().to(dtype)
-            var, mean = torch.var_mean(xs, dim=_REDUCE_DIMS, correction=0)
+            var, mean = torch.var_mean(xs, dim=REDUCE_DIMS, correction=0)
             weight = conv.weight.detach().to(dtype)
             past_mean, past_var, past_valid = self._compensated_history(weight, conv.groups)
             self._push_history(conv, conv_input.detach().to(dtype), xs, mean, var, weight)
@@ -319,17 +311,10 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
 
     # ------------------------------------------------------------------ inference and state
-    @torch.no_grad()
     def per_channel_affine(self):
         """``(scale, shift)`` with eval output ``scale[c] * x + shift[c]``, i.e.
         ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
-        scale = torch.rsqrt(self.running_var + self.eps)
-        if self.affine:
-            scale = scale * self.weight
-        shift = -self.running_mean * scale
-        if self.affine:
-            shift = shift + self.bias
-        return scale, shift
+        return batch_norm_affine(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """A checkpoint without window state (``nn.BatchNorm2d``) or with an empty window loads with

@@ -14,28 +14,16 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from .affine import register_affine
+from .per_channel import REDUCE_DIMS, per_channel, register_affine, statistics_dtype
 
 __all__ = ["MovingAverageBatchNorm2d"]
 
 logger = logging.getLogger(__name__)
 
-_REDUCE_DIMS = (0, 2, 3)  # statistics are per channel over N, H, W
-
-
-def _stat_dtype(x):
-    """float32 for half/bfloat16/float32 inputs, float64 for float64 (statistics never in half)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _per_channel(v):
-    return v.view(1, -1, 1, 1)
-
-
 def _channel_affine(x, scale, shift):
     """``scale[c] * x + shift[c]`` computed in the statistics dtype, returned in x's dtype."""
-    dtype = _stat_dtype(x)
-    return (x.to(dtype) * _per_channel(scale.to(dtype)) + _per_channel(shift.to(dtype))).to(x.dtype)
+    dtype = statistics_dtype(x)
+    return (x.to(dtype) * per_channel(scale.to(dtype)) + per_channel(shift.to(dtype))).to(x.dtype)
 
 
 class _MovingAverageNormFunction(torch.autograd.Function):
@@ -63,20 +51,20 @@ class _MovingAverageNormFunction(torch.autograd.Function):
         x, weight, inv_std, r = ctx.saved_tensors
         buffer_gz = ctx.buffer_gz
         grad_out = grad_out.to(inv_std.dtype)
-        z = x.to(inv_std.dtype) * _per_channel(inv_std)
+        z = x.to(inv_std.dtype) * per_channel(inv_std)
         gain = r if weight is None else r * weight.to(r.dtype)
-        g = grad_out * _per_channel(gain)
-        psi = (g * z).mean(dim=_REDUCE_DIMS)
+        g = grad_out * per_channel(gain)
+        psi = (g * z).mean(dim=REDUCE_DIMS)
         previous = buffer_gz.index_select(0, ctx.slot)[0]
         stored = torch.where(psi.isfinite(), psi.to(buffer_gz.dtype), previous)
         buffer_gz.index_copy_(0, ctx.slot, stored[None])
         psi_bar = torch.where(ctx.use_smas, buffer_gz.mean(dim=0).to(psi.dtype), psi)
-        grad_x = ((g - z * _per_channel(psi_bar)) * _per_channel(inv_std)).to(x.dtype)
+        grad_x = ((g - z * per_channel(psi_bar)) * per_channel(inv_std)).to(x.dtype)
         grad_weight = grad_bias = None  # weight and bias are both None or both Parameters (affine)
         if ctx.needs_input_grad[1]:
-            grad_weight = ((grad_out * z).sum(dim=_REDUCE_DIMS) * r).to(weight.dtype)
+            grad_weight = ((grad_out * z).sum(dim=REDUCE_DIMS) * r).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum(dim=_REDUCE_DIMS).to(weight.dtype)
+            grad_bias = grad_out.sum(dim=REDUCE_DIMS).to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -174,7 +162,7 @@ class MovingAverageBatchNorm2d(nn.Module):
 
     def _normalize_statelessly(self, x):
         """γ·x/√(χ+eps) + β with the batch's χ: the warm-up formula, without touching state."""
-        second_moment = x.to(_stat_dtype(x)).square().mean(dim=_REDUCE_DIMS)
+        second_moment = x.to(statistics_dtype(x)).square().mean(dim=REDUCE_DIMS)
         scale = torch.rsqrt(second_moment + self.eps)
         if not self.affine:
             return _channel_affine(x, scale, torch.zeros_like(scale))
@@ -186,7 +174,7 @@ class MovingAverageBatchNorm2d(nn.Module):
 
         All schedule decisions stay on the device (no host synchronisation).
         """
-        chi = x.to(_stat_dtype(x)).square().mean(dim=_REDUCE_DIMS)
+        chi = x.to(statistics_dtype(x)).square().mean(dim=REDUCE_DIMS)
         self.iters += 1
         slot = (self.iters % self.buffer_size).view(1)
         self.buffer_x2.index_copy_(0, slot, chi.to(self.buffer_x2.dtype)[None])

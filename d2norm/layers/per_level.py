@@ -12,7 +12,7 @@ import inspect
 import torch
 import torch.nn as nn
 
-from .affine import register_affine
+from .per_channel import per_channel, register_affine
 
 __all__ = ["PerLevelNorm", "make_retinanet_head_per_level"]
 
@@ -75,7 +75,7 @@ class PerLevelNorm(nn.Module):
         self.position = (self.position + 1) % self.num_levels
         if self.weight is None:
             return y
-        return y * self.weight.to(y.dtype).view(1, -1, 1, 1) + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        return y * per_channel(self.weight.to(y.dtype)) + per_channel(self.bias.to(y.dtype))
 
     @torch.no_grad()
     def per_channel_affine(self, level):

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .per_channel import batch_norm_affine
+
 __all__ = ["NotRecalibratedError", "PreciseBatchNorm2d"]
 
 
@@ -49,20 +51,13 @@ class PreciseBatchNorm2d(nn.BatchNorm2d):
                 "recalibrates before every evaluation and at the end of training)."
             )
 
-    @torch.no_grad()
     def per_channel_affine(self):
         """``(scale, shift)`` with eval output ``scale[c] * x + shift[c]``.
 
         scale = γ / sqrt(running_var + eps), shift = β - running_mean * scale.
         """
         self._check_recalibrated()
-        scale = torch.rsqrt(self.running_var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -self.running_mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
-        return scale, shift
+        return batch_norm_affine(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
         # A plain BatchNorm checkpoint (ImageNet weights) has no flag: its EMA statistics do

@@ -1,0 +1,38 @@
+"""Per-channel pieces shared by the d2norm layers: statistics dtype and shapes, the affine γ/β."""
+import torch
+import torch.nn as nn
+
+REDUCE_DIMS = (0, 2, 3)  # statistics are per channel over N, H, W
+
+
+def statistics_dtype(x):
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 (statistics never in half)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def per_channel(v):
+    """A (C,) tensor shaped to broadcast over (N, C, H, W)."""
+    return v.view(1, -1, 1, 1)
+
+
+def register_affine(module: nn.Module, num_features: int, affine: bool) -> None:
+    """Give ``module`` Parameters ``weight`` = 1 and ``bias`` = 0 of length ``num_features``, or ``None``s."""
+    if affine:
+        module.weight = nn.Parameter(torch.ones(num_features))
+        module.bias = nn.Parameter(torch.zeros(num_features))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
+@torch.no_grad()
+def batch_norm_affine(bn):
+    """``(scale, shift)`` of a BatchNorm in eval mode, ``scale[c] * x + shift[c]``:
+    scale = γ / sqrt(running_var + eps), shift = β - running_mean * scale (γ = 1, β = 0 if absent)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
