@@ -21,7 +21,7 @@ from .layers.mabn import MovingAverageBatchNorm2d
 from .layers.per_level import PerLevelNorm
 from .layers.weight_centralization import centralize_conv_weight
 
-__all__ = ["prepare_model", "conv_norm_pairs"]
+__all__ = ["prepare_model", "conv_norm_pairs", "conv_norm_slots"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +37,25 @@ def _norm_layers(module, norm_types):
     return []
 
 
-def conv_norm_pairs(model, norm_types=_BOUND_TYPES):
-    """Yield ``(conv, norm_layer)`` for every layer of ``norm_types`` fed directly by a conv."""
+def conv_norm_slots(model):
+    """Yield ``(conv, parent, key)`` for every module stored right after a conv: a detectron2
+    ``Conv2d``'s ``norm`` (``parent`` is the conv, ``key`` is "norm") or the element after a conv in
+    an ``nn.Sequential``; that module is ``parent._modules[key]``."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and isinstance(getattr(module, "norm", None), nn.Module):
-            for norm in _norm_layers(module.norm, norm_types):
-                yield module, norm
+            yield module, module, "norm"
         elif isinstance(module, nn.Sequential):
-            prev = None
-            for child in module:
-                if prev is not None and isinstance(prev, nn.Conv2d):
-                    for norm in _norm_layers(child, norm_types):
-                        yield prev, norm
-                prev = child
+            keys = list(module._modules)
+            for prev_key, key in zip(keys, keys[1:]):
+                if isinstance(module._modules[prev_key], nn.Conv2d):
+                    yield module._modules[prev_key], module, key
+
+
+def conv_norm_pairs(model, norm_types=_BOUND_TYPES):
+    """Yield ``(conv, norm_layer)`` for every layer of ``norm_types`` fed directly by a conv."""
+    for conv, parent, key in conv_norm_slots(model):
+        for norm in _norm_layers(parent._modules[key], norm_types):
+            yield conv, norm
 
 
 def prepare_model(model, centralize_weights=True):
@@ -73,9 +79,8 @@ def prepare_model(model, centralize_weights=True):
         else:
             if centralize_weights:
                 centralize_conv_weight(conv)
-            norm.frozen = not any(p.requires_grad for p in norm.parameters()) and any(
-                True for _ in norm.parameters()
-            )
+            params = list(norm.parameters())
+            norm.frozen = bool(params) and not any(p.requires_grad for p in params)
     for name, module in model.named_modules():
         if id(module) in paired:
             continue

@@ -9,13 +9,11 @@ import torch
 import torch.nn as nn
 from detectron2.layers import FrozenBatchNorm2d
 
-from .binding import conv_norm_pairs
-from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from .binding import conv_norm_slots
+from .layers import D2NORM_LAYER_TYPES
 from .layers.weight_centralization import effective_conv_weight, is_weight_centralized
 
 __all__ = ["fold_norms"]
-
-_FOLDABLE = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d)
 
 
 @torch.no_grad()
@@ -28,8 +26,10 @@ def fold_norms(model):
     """
     if model.training:
         raise RuntimeError("fold_norms needs a model in eval mode (call model.eval() first)")
-    folded = set()
-    for conv, norm in list(_foldable_pairs(model)):
+    for conv, parent, key in list(conv_norm_slots(model)):
+        norm = parent._modules[key]
+        if not isinstance(norm, D2NORM_LAYER_TYPES):
+            continue
         scale, shift = norm.per_channel_affine()
         weight = effective_conv_weight(conv) * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
         bias = shift if conv.bias is None else shift + scale * conv.bias
@@ -37,50 +37,17 @@ def fold_norms(model):
             conv.__class__ = type(conv).__bases__[1]  # drop the centralising mixin: W is folded in
         conv.weight = nn.Parameter(weight, requires_grad=False)
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
-        folded.add(id(norm))
-        _remove_norm(model, conv, norm)
-    _replace_with_frozen_affine(model, folded)
+        # detectron2's Conv2d skips a None norm; in a Sequential the norm's place becomes a no-op.
+        parent._modules[key] = None if parent is conv else nn.Identity()
+    _replace_with_frozen_affine(model)
     return model
 
 
-def _foldable_pairs(model):
-    seen = set()
-    for conv, norm in conv_norm_pairs(model, _FOLDABLE):
-        if id(norm) in seen:
-            continue
-        seen.add(id(norm))
-        if _is_direct_child_norm(model, conv, norm):
-            yield conv, norm
-
-
-def _is_direct_child_norm(model, conv, norm):
-    """Whether ``norm`` is the conv's own ``.norm`` or the next element of a Sequential."""
-    if getattr(conv, "norm", None) is norm:
-        return True
-    for module in model.modules():
-        if isinstance(module, nn.Sequential):
-            children = list(module)
-            for a, b in zip(children, children[1:]):
-                if a is conv and b is norm:
-                    return True
-    return False
-
-
-def _remove_norm(model, conv, norm):
-    if getattr(conv, "norm", None) is norm:
-        conv.norm = None
-        return
-    for module in model.modules():
-        if isinstance(module, nn.Sequential):
-            for key, child in module._modules.items():
-                if child is norm:
-                    module._modules[key] = nn.Identity()
-
-
-def _replace_with_frozen_affine(model, folded):
+def _replace_with_frozen_affine(model):
+    """Every d2norm layer still in ``model`` (none has a conv of its own) -> its affine as FrozenBN."""
     for parent in list(model.modules()):
         for key, child in list(parent._modules.items()):
-            if isinstance(child, _FOLDABLE) and id(child) not in folded:
+            if isinstance(child, D2NORM_LAYER_TYPES):
                 scale, shift = child.per_channel_affine()
                 frozen = FrozenBatchNorm2d(scale.numel(), eps=0.0)
                 frozen.weight.copy_(scale)

@@ -7,7 +7,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
 from .binding import prepare_model
 from .config import norm_settings_from_config
-from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from .layers import MovingAverageBatchNorm2d
 from .layers.per_level import make_retinanet_head_per_level
 from .registry import norm_settings
 
@@ -15,7 +15,6 @@ __all__ = ["build_model", "norm_layer_summary"]
 
 logger = logging.getLogger(__name__)
 
-_D2NORM_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d)
 # Submodules that are "heads" for D2NORM.MABN.HEAD_WARMUP_ITERS (R-CNN RoI heads, RetinaNet head).
 _HEAD_NAMES = ("roi_heads", "head")
 

@@ -122,13 +122,12 @@ def make_retinanet_head_per_level(head, num_levels):
     that every per-level norm of the head is called a multiple of ``num_levels`` times per
     forward. Idempotent. Returns the number of layers replaced.
     """
-    from . import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+    from . import D2NORM_LAYER_TYPES  # the package imports this module
 
-    d2norm_types = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d)
     replaced = 0
     for tower in (head.cls_subnet, head.bbox_subnet):
         for index, layer in enumerate(tower):
-            if isinstance(layer, d2norm_types):
+            if isinstance(layer, D2NORM_LAYER_TYPES):
                 tower[index] = PerLevelNorm.from_layer(layer, num_levels)
                 replaced += 1
     if replaced and not getattr(head, "_d2norm_per_level_check", False):
