@@ -1,5 +1,4 @@
 """tools/benchmark_norm.py: report structure, its memory measure, and its official-style CBN baseline."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,11 +8,10 @@ import torch
 import torch.nn as nn
 
 from d2norm.layers import CrossIterationBatchNorm2d
+from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("benchmark_norm", REPO / "tools" / "benchmark_norm.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_tool("benchmark_norm")
 
 BLOCK_NORMS = {"BN", "CBN", "MABN", "official-style CBN"}
 TINY = ["--device", "cpu", "--channels", "8", "--size", "6", "--window", "4", "--repeats", "2", "--threads", "1"]

@@ -1,5 +1,4 @@
 """tools/convert_torchvision_to_d2.py: torchvision ResNet weights load into detectron2's ResNet exactly."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,9 @@ from detectron2.modeling.backbone import build_resnet_backbone
 from detectron2.layers import ShapeSpec
 
 import d2norm
+from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("convert", REPO / "tools" / "convert_torchvision_to_d2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_torchvision_tensor_lands_in_the_matching_detectron2_tensor(tmp_path):
@@ -45,7 +38,7 @@ def test_every_torchvision_tensor_lands_in_the_matching_detectron2_tensor(tmp_pa
     DetectionCheckpointer(backbone).load(str(output))
     ours = backbone.state_dict()
     for name, value in tv.state_dict().items():
-        new = load_tool().convert_name(name)
+        new = load_tool("convert_torchvision_to_d2").convert_name(name)
         if new is not None:
             assert torch.equal(ours[new], value), name
     tv.eval(), backbone.eval()
@@ -55,7 +48,7 @@ def test_every_torchvision_tensor_lands_in_the_matching_detectron2_tensor(tmp_pa
 
 
 def test_mabn_style_names_and_buffers_are_converted():
-    convert = load_tool()
+    convert = load_tool("convert_torchvision_to_d2")
     state = {
         "module.layer1.0.bn2.running_var": torch.ones(1, 8, 1, 1),
         "module.layer1.0.bn2.iters": torch.tensor(5),

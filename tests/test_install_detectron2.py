@@ -1,5 +1,4 @@
 """tools/install_detectron2.py: never replaces an existing detectron2; compiled ops fail clearly."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,20 +7,14 @@ from pathlib import Path
 
 import detectron2
 import pytest
+from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_installer():
-    spec = importlib.util.spec_from_file_location("install_detectron2", REPO / "tools" / "install_detectron2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def stub_module():
     module = types.ModuleType("detectron2_C_stub")
-    exec(load_installer().C_STUB, module.__dict__)
+    exec(load_tool("install_detectron2").C_STUB, module.__dict__)
     return module
 
 
@@ -53,6 +46,6 @@ def test_the_stub_imports_and_answers_environment_queries():
 
 
 def test_the_sdist_is_pinned_by_hash():
-    installer = load_installer()
+    installer = load_tool("install_detectron2")
     assert installer.SDIST_URL.endswith("pb1-detectron2-0.6.tar.gz")
     assert len(installer.SDIST_SHA256) == 64

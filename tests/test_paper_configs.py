@@ -21,6 +21,7 @@ from d2norm.binding import conv_norm_pairs
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.weight_centralization import is_weight_centralized
 from d2norm.modeling import build_model
+from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -145,14 +146,7 @@ _PARTS = (
 )
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("d2norm_tools_train_net", REPO / "tools" / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_net = _load_train_net()
+train_net = load_tool("train_net")
 
 
 @pytest.fixture(scope="module")

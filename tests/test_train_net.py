@@ -1,5 +1,4 @@
 """tools/train_net.py from a user's point of view: train -> COCO AP, resume, two CPU processes."""
-import importlib.util
 import json
 import math
 import os
@@ -13,16 +12,10 @@ from detectron2.engine import default_argument_parser
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.data import register_shapes_split
+from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BASE = REPO / "configs" / "demo" / "Base-Demo-Shapes.yaml"
-
-
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("d2norm_train_net", REPO / "tools" / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ def parse(argv):
     [("CBN", CrossIterationBatchNorm2d), ("MABN", MovingAverageBatchNorm2d), ("PreciseBN", PreciseBatchNorm2d)],
 )
 def test_tiny_detector_trains_and_reports_coco_ap(norm, layer_type, tiny_splits, tmp_path):
-    train_net = load_train_net()
+    train_net = load_tool("train_net")
     args = parse(["--config-file", str(DEMO_BASE), *tiny_opts(norm, tmp_path, tiny_splits)])
     model = train_net.Trainer.build_model(train_net.setup(args))
     for part in (model.backbone.bottom_up, model.backbone, model.roi_heads.box_head, model.roi_heads.mask_head):
@@ -81,7 +74,7 @@ def test_tiny_detector_trains_and_reports_coco_ap(norm, layer_type, tiny_splits,
 
 
 def test_resume_continues_from_the_last_checkpoint_with_norm_state(tiny_splits, tmp_path):
-    train_net = load_train_net()
+    train_net = load_tool("train_net")
     opts = tiny_opts("CBN", tmp_path, tiny_splits, max_iter=4) + ["TEST.EVAL_PERIOD", "0"]
     cfg = train_net.setup(parse(["--config-file", str(DEMO_BASE), *opts]))
     trainer = train_net.Trainer(cfg)
@@ -131,7 +124,7 @@ def test_two_cpu_processes_train_with_gloo(tiny_splits, tmp_path):
 
 def test_eval_only_evaluates_a_trained_precisebn_checkpoint_without_recalibrating(tiny_splits, tmp_path):
     """The saved model carries its recalibrated population statistics: --eval-only just evaluates."""
-    train_net = load_train_net()
+    train_net = load_tool("train_net")
     opts = tiny_opts("PreciseBN", tmp_path, tiny_splits, max_iter=2) + ["TEST.EVAL_PERIOD", "0"]
     train_net.main(parse(["--config-file", str(DEMO_BASE), *opts]))
     weights = str(tmp_path / "model_final.pth")
