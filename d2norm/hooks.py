@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .layers import PreciseBatchNorm2d
 from .recalibrate import population_norm_layers, recalibrate
 
-__all__ = ["FreezeNormLastIters", "NormRecalibrator", "RecalibrateNorms", "build_norm_hooks"]
+__all__ = ["FreezeNormLastIters", "NormRecalibrator", "RecalibrateNorms", "build_norm_hooks", "build_recalibrator"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,18 @@ class FreezeNormLastIters(HookBase):
             layer.eval()
 
 
+def build_recalibrator(cfg, model, build_train_loader):
+    """A :class:`NormRecalibrator` over ``cfg.D2NORM.PRECISE_BN.NUM_ITER`` training batches.
+
+    ``build_train_loader`` (``cfg -> data loader``, e.g. ``Trainer.build_train_loader``) is called
+    once, with ``DATALOADER.NUM_WORKERS = 0`` as detectron2 does for PreciseBN.
+    """
+    loader_cfg = cfg.clone()
+    loader_cfg.defrost()
+    loader_cfg.DATALOADER.NUM_WORKERS = 0
+    return NormRecalibrator(model, build_train_loader(loader_cfg), cfg.D2NORM.PRECISE_BN.NUM_ITER)
+
+
 def build_norm_hooks(cfg, model, build_train_loader):
     """The d2norm hooks for ``cfg.D2NORM`` (possibly none), for ``Trainer.build_hooks``.
 
@@ -102,8 +114,7 @@ def build_norm_hooks(cfg, model, build_train_loader):
         cfg: the full config (``D2NORM.PRECISE_BN.*``, ``D2NORM.FREEZE_NORM_LAST_ITERS``,
             ``TEST.EVAL_PERIOD``).
         model: the (possibly DDP-wrapped) model being trained.
-        build_train_loader (callable): ``cfg -> data loader`` (e.g. ``Trainer.build_train_loader``),
-            called once, with ``DATALOADER.NUM_WORKERS = 0`` as detectron2 does for PreciseBN.
+        build_train_loader (callable): ``cfg -> data loader``, see :func:`build_recalibrator`.
     """
     precise, freeze_iters = cfg.D2NORM.PRECISE_BN, cfg.D2NORM.FREEZE_NORM_LAST_ITERS
     layers = population_norm_layers(_unwrap(model))
@@ -112,10 +123,7 @@ def build_norm_hooks(cfg, model, build_train_loader):
                        "they cannot be evaluated until d2norm.recalibrate is run.")
     if not layers or not (precise.ENABLED or freeze_iters > 0):
         return []
-    loader_cfg = cfg.clone()
-    loader_cfg.defrost()
-    loader_cfg.DATALOADER.NUM_WORKERS = 0
-    recalibrator = NormRecalibrator(model, build_train_loader(loader_cfg), precise.NUM_ITER)
+    recalibrator = build_recalibrator(cfg, model, build_train_loader)
     hooks = []
     if precise.ENABLED:
         hooks.append(RecalibrateNorms(recalibrator, cfg.TEST.EVAL_PERIOD, precise.PERIOD))

@@ -4,6 +4,7 @@
 Same flags as detectron2's ``tools/train_net.py``: ``--config-file``, ``--num-gpus`` (processes;
 gloo on CPU when there is no GPU), ``--resume``, ``--eval-only`` and trailing ``KEY VALUE`` overrides.
 """
+import json
 import logging
 import os
 
@@ -19,7 +20,7 @@ import d2norm  # noqa: F401  (registers CBN/MABN/PreciseBN in every get_norm imp
 from d2norm import add_d2norm_config, validate_d2norm_config
 from d2norm.config import scale_norm_iterations
 from d2norm.distributed import cpu_ddp_compatible, launch
-from d2norm.hooks import build_norm_hooks
+from d2norm.hooks import build_norm_hooks, build_recalibrator
 from d2norm.modeling import build_model
 from d2norm.solver import build_optimizer
 
@@ -85,22 +86,48 @@ def setup(args):
     return cfg
 
 
+def save_evaluation(cfg, results):
+    """Write the evaluation results to ``OUTPUT_DIR/evaluation.json`` (main process only)."""
+    if results and comm.is_main_process():
+        with open(os.path.join(cfg.OUTPUT_DIR, "evaluation.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def evaluate(cfg, args):
+    """``--eval-only``: load ``MODEL.WEIGHTS``, optionally recalibrate the norms, evaluate."""
+    model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    if args.recalibrate:
+        build_recalibrator(cfg, model, Trainer.build_train_loader)()
+    res = Trainer.test(cfg, model)
+    verify_results(cfg, res)
+    return res
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        res = Trainer.test(cfg, model)
-        verify_results(cfg, res)
-        return res
+        return save_evaluation(cfg, evaluate(cfg, args))
+    if args.recalibrate:
+        raise SystemExit("--recalibrate goes with --eval-only (training recalibrates as D2NORM.PRECISE_BN says)")
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
-    return getattr(trainer, "_last_eval_results", None)  # set by the final evaluation, if any
+    return save_evaluation(cfg, getattr(trainer, "_last_eval_results", None))  # set by the final evaluation
+
+
+def argument_parser():
+    """detectron2's flags plus ``--recalibrate``."""
+    parser = default_argument_parser()
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="with --eval-only: recompute the population statistics of every norm layer "
+                             "(D2NORM.PRECISE_BN.NUM_ITER training batches, model fixed) before evaluating")
+    return parser
 
 
 def invoke_main():
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -1,0 +1,144 @@
+"""A study matrix: *config x variant x seed* cells, read from a YAML study file.
+
+A study file names the detectron2 configs, the variants (norm choices and config overrides) and
+the seeds; every combination is one cell, trained by ``tools/train_net.py`` into
+``<output>/<config stem>/<variant>/seed<k>``::
+
+    configs: [configs/study/mask_rcnn_R_18_FPN_shapes_scratch.yaml]
+    seeds: [1, 2, 3]
+    variants:
+      BN@2:   {norm: BN, overrides: {D2NORM.PRECISE_BN.ENABLED: false}}
+      BN@2+PreciseBN: {evaluate: BN@2, recalibrate: true}   # same weights, population statistics
+      GN:     {norm: GN}
+
+``norm: X`` sets every norm key of the model (backbone, FPN, box/mask heads, RetinaNet head);
+``overrides`` are detectron2 ``KEY: value`` pairs; ``evaluate: V`` makes an *evaluation variant*:
+it re-evaluates variant V's final weights (``recalibrate: true`` recomputes the population
+statistics first, Wu & Johnson 2021 Sec. 3), so it costs an evaluation, not a training.
+"""
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["NORM_KEYS", "Cell", "StudyFileError", "Variant", "load_study"]
+
+NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
+             "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM")
+_VARIANT_KEYS = {"norm", "overrides", "evaluate", "recalibrate"}
+_STUDY_KEYS = {"configs", "seeds", "variants"}
+
+
+class StudyFileError(ValueError):
+    """A malformed study file; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of the matrix: config overrides, or an evaluation of another variant's weights."""
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+    evaluate: str = None
+    recalibrate: bool = False
+
+    @property
+    def trains(self):
+        return self.evaluate is None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training (or evaluation) run: a config, a variant and a seed."""
+
+    config: str
+    variant: Variant
+    seed: int
+
+    @property
+    def config_stem(self):
+        return Path(self.config).stem
+
+    def directory(self, output):
+        return Path(output) / self.config_stem / _safe(self.variant.name) / f"seed{self.seed}"
+
+    def opts(self):
+        """detectron2 ``KEY VALUE`` overrides of this cell (without OUTPUT_DIR)."""
+        pairs = dict(self.variant.overrides)
+        pairs["SEED"] = self.seed
+        return [str(token) for key, value in pairs.items() for token in (key, _yaml_value(value))]
+
+
+def _safe(name):
+    return re.sub(r"[^A-Za-z0-9@+._-]", "_", name)
+
+
+def _yaml_value(value):
+    """A value as detectron2's ``merge_from_list`` parses it (a Python literal)."""
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(repr(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return value if isinstance(value, str) else repr(value)
+
+
+def _fail(path, key, message):
+    raise StudyFileError(f"{path}: '{key}' {message}")
+
+
+def _variant(path, name, spec):
+    where = f"variants.{name}"
+    if not isinstance(spec, dict):
+        _fail(path, where, f"must be a mapping with keys among {sorted(_VARIANT_KEYS)}, got {spec!r}")
+    unknown = set(spec) - _VARIANT_KEYS
+    if unknown:
+        _fail(path, where, f"has unknown keys {sorted(unknown)}; allowed: {sorted(_VARIANT_KEYS)}")
+    overrides = {}
+    if "norm" in spec:
+        overrides.update({key: spec["norm"] for key in NORM_KEYS})
+    extra = spec.get("overrides", {}) or {}
+    if not isinstance(extra, dict):
+        _fail(path, f"{where}.overrides", f"must map detectron2 keys to values, got {extra!r}")
+    overrides.update(extra)
+    recalibrate = spec.get("recalibrate", False)
+    if not isinstance(recalibrate, bool):
+        _fail(path, f"{where}.recalibrate", f"must be true or false, got {recalibrate!r}")
+    return Variant(name, overrides, spec.get("evaluate"), recalibrate)
+
+
+def load_study(path, only_variants=None, only_seeds=None):
+    """The cells of the study file at ``path``, seed by seed (so an interrupted study has whole
+    seeds), each seed's trained variants before its evaluation variants.
+
+    Args:
+        only_variants: names to keep (an evaluation variant keeps the one it evaluates too).
+        only_seeds: seeds to keep.
+    """
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise StudyFileError(f"{path}: cannot read the study file: {e}") from e
+    if not isinstance(spec, dict) or set(spec) - _STUDY_KEYS or not _STUDY_KEYS <= set(spec):
+        raise StudyFileError(f"{path}: a study file is a mapping with exactly the keys {sorted(_STUDY_KEYS)}")
+    configs, seeds = spec["configs"], spec["seeds"]
+    if not configs or not all(isinstance(c, str) for c in configs):
+        _fail(path, "configs", "must be a non-empty list of config file paths")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        _fail(path, "seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    if not isinstance(spec["variants"], dict) or not spec["variants"]:
+        _fail(path, "variants", "must be a non-empty mapping of variant names to settings")
+    variants = {str(name): _variant(path, str(name), v) for name, v in spec["variants"].items()}
+    for v in variants.values():
+        if not v.trains and (v.evaluate not in variants or not variants[v.evaluate].trains):
+            trained = sorted(n for n, w in variants.items() if w.trains)
+            _fail(path, f"variants.{v.name}.evaluate", f"= {v.evaluate!r} must name a trained variant: {trained}")
+    if only_variants:
+        missing = sorted(set(only_variants) - set(variants))
+        if missing:
+            raise StudyFileError(f"{path}: unknown variants {missing}; the file has {sorted(variants)}")
+        keep = set(only_variants) | {variants[n].evaluate for n in only_variants if not variants[n].trains}
+        variants = {n: v for n, v in variants.items() if n in keep}
+    if only_seeds:
+        seeds = [s for s in seeds if s in set(only_seeds)] or list(only_seeds)
+    ordered = sorted(variants.values(), key=lambda v: not v.trains)
+    return [Cell(config, variant, seed) for seed in seeds for config in configs for variant in ordered]

@@ -1,0 +1,147 @@
+"""Aggregate study records: ``results.json``, a markdown table and PNG plots.
+
+The table has one row per (config, variant): mean and sample standard deviation over seeds of box
+and mask AP, the per-seed values, and the median seconds per iteration. Plots: final AP per variant
+with every seed as a point (``final_ap.png``) and the training loss against training images seen
+(``loss.png``; images, not iterations, so a 16-image-batch variant lines up with 2-image ones).
+"""
+import json
+import statistics
+from collections import OrderedDict
+from pathlib import Path
+
+from .metrics import read_metrics
+
+__all__ = ["aggregate", "markdown_table", "plot_final_ap", "plot_loss", "write_report"]
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(records):
+    """``OrderedDict[(config, variant)] -> summary`` in the order the variants first appear."""
+    groups = OrderedDict()
+    for r in records:
+        groups.setdefault((Path(r["config"]).stem, r["variant"]), []).append(r)
+    summary = OrderedDict()
+    for key, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["seed"])
+        box_mean, box_std = _mean_std(r["box_ap"] for r in rows)
+        mask_mean, mask_std = _mean_std(r["mask_ap"] for r in rows)
+        times = [r["seconds_per_iter"] for r in rows if r["seconds_per_iter"] is not None]
+        summary[key] = {
+            "seeds": [r["seed"] for r in rows],
+            "box_ap": [r["box_ap"] for r in rows], "box_mean": box_mean, "box_std": box_std,
+            "mask_ap": [r["mask_ap"] for r in rows], "mask_mean": mask_mean, "mask_std": mask_std,
+            "images_per_batch": rows[0]["images_per_batch"], "iterations": rows[0]["iterations"],
+            "seconds_per_iter": statistics.median(times) if times else None,
+        }
+    return summary
+
+
+def _fmt(mean, std):
+    return "—" if mean is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def _values(values):
+    return ", ".join("—" if v is None else f"{v:.1f}" for v in values)
+
+
+def markdown_table(summary):
+    lines = ["| config | variant | images/batch | iterations | seeds | box AP | box AP per seed | "
+             "mask AP | mask AP per seed | s/iter |",
+             "|---|---|---:|---:|---:|---:|---|---:|---|---:|"]
+    for (config, variant), s in summary.items():
+        sec = "—" if s["seconds_per_iter"] is None else f"{s['seconds_per_iter']:.2f}"
+        lines.append(f"| {config} | {variant} | {s['images_per_batch']} | {s['iterations']} | {len(s['seeds'])} | "
+                     f"{_fmt(s['box_mean'], s['box_std'])} | {_values(s['box_ap'])} | "
+                     f"{_fmt(s['mask_mean'], s['mask_std'])} | {_values(s['mask_ap'])} | {sec} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_final_ap(summary, path):
+    """Mean AP per variant (bars) with each seed's AP (points), box and mask side by side."""
+    plt = _pyplot()
+    names = [f"{variant}" if len({c for c, _ in summary}) == 1 else f"{config}\n{variant}"
+             for config, variant in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(names)) * 2, 4.5), squeeze=False)
+    for ax, task, title in zip(axes[0], ("box", "mask"), ("box AP", "mask AP")):
+        for x, s in enumerate(summary.values()):
+            values = [v for v in s[f"{task}_ap"] if v is not None]
+            if not values:
+                continue
+            ax.bar(x, s[f"{task}_mean"], color="C0", alpha=0.35, width=0.6)
+            ax.errorbar(x, s[f"{task}_mean"], yerr=s[f"{task}_std"], color="C0", capsize=4)
+            ax.scatter([x + 0.08 * (i - (len(values) - 1) / 2) for i in range(len(values))], values,
+                       color="k", s=14, zorder=3)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=20, ha="right")
+        ax.set_ylabel(f"COCO {title}")
+        ax.set_title(f"{title}: mean ± sd over seeds (points: seeds)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(values, window):
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_loss(records, directory_of, path, smoothing=10):
+    """Training loss (moving average of ``smoothing`` logged points) against images seen, one line
+    per seed, one colour per trained variant. ``directory_of(record)`` is the cell's directory."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colours = {}  # one colour and one legend entry per (config, variant)
+    for r in records:
+        if r.get("evaluates"):
+            continue
+        metrics = read_metrics(Path(directory_of(r)) / "metrics.json")
+        points = sorted((i, m["total_loss"]) for i, m in metrics.items() if "total_loss" in m)
+        if not points:
+            continue
+        key = (Path(r["config"]).stem, r["variant"])
+        label = None if key in colours else r["variant"]
+        colour = colours.setdefault(key, f"C{len(colours) % 10}")
+        ax.plot([(i + 1) * r["images_per_batch"] for i, _ in points], _smooth([v for _, v in points], smoothing),
+                color=colour, alpha=0.8, lw=1, label=label)
+    ax.set_xlabel("training images seen")
+    ax.set_ylabel("total loss (moving average)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Training loss per variant (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(records, results_dir, directory_of):
+    """Write ``results.json``, ``table.md``, ``final_ap.png`` and ``loss.png`` into ``results_dir``."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    summary = aggregate(records)
+    table = markdown_table(summary)
+    (results_dir / "table.md").write_text(table)
+    plot_final_ap(summary, results_dir / "final_ap.png")
+    plot_loss(records, directory_of, results_dir / "loss.png")
+    return table
