@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.engine import default_argument_parser
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.data import register_shapes_split
@@ -52,7 +51,7 @@ def tiny_opts(norm, output_dir, splits, max_iter=3):
 
 
 def parse(argv):
-    return default_argument_parser().parse_args(argv)
+    return load_tool("train_net").argument_parser().parse_args(argv)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ DEFAULT_TRAIN_NET = Path(__file__).resolve().parents[2] / "tools" / "train_net.p
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m d2norm.study", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m d2norm.study", description=__doc__, allow_abbrev=False)
     parser.add_argument("command", choices=("run", "report"),
                         help="run: train/evaluate unfinished cells, then report; report: aggregate finished cells")
     parser.add_argument("study_file", help="YAML study file (configs, seeds, variants)")

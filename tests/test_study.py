@@ -1,0 +1,233 @@
+"""The study tool (``python -m d2norm.study``) from a user's point of view.
+
+The runner is exercised with a stand-in for ``tools/train_net.py`` that writes what the real one
+writes (``config.yaml``, ``metrics.json``, ``evaluation.json``, checkpoints) in milliseconds, so
+that resuming, skipping, failures and evaluation variants are checked without training; the
+``--eval-only --recalibrate`` path of the real ``train_net.py`` is checked on a tiny detector.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from detectron2.config import get_cfg
+
+from d2norm import add_d2norm_config
+from d2norm.study import CellFailedError, StudyFileError, StudyRunner, aggregate, load_study, markdown_table
+from d2norm.study import write_report
+from d2norm.study.matrix import NORM_KEYS
+from d2norm.study.__main__ import parse_args
+from test_train_net import DEMO_BASE, parse, tiny_opts, tiny_splits  # noqa: F401  (fixture)
+from tool_scripts import load_tool
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY_CONFIG = REPO / "configs" / "study" / "mask_rcnn_R_18_FPN_shapes_scratch.yaml"
+
+FAKE_TRAIN_NET = textwrap.dedent('''
+    """Stand-in for tools/train_net.py (no detectron2 import, so it starts fast): reads the
+    schedule from the config file and the overrides, logs its argv, writes train_net's outputs."""
+    import json, os, sys
+    from pathlib import Path
+    import yaml
+
+    argv = sys.argv[1:]
+    config = yaml.safe_load(open(argv[argv.index("--config-file") + 1]))
+    opts = argv[argv.index("--num-gpus") + 2:]
+    pairs = dict(zip(opts[::2], opts[1::2]))
+    out = Path(pairs["OUTPUT_DIR"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent.parent.parent / "calls.log", "a") as f:
+        f.write(json.dumps(argv) + "\\n")
+    if os.environ.get("FAKE_FAIL") == str(out):
+        sys.exit(3)
+    solver = {key: int(pairs.get("SOLVER." + key, config["SOLVER"][key])) for key in ("IMS_PER_BATCH", "MAX_ITER")}
+    norm = pairs.get("MODEL.FPN.NORM", config.get("MODEL", {}).get("FPN", {}).get("NORM", ""))
+    (out / "config.yaml").write_text(yaml.safe_dump({"SOLVER": solver, "MODEL": {"FPN": {"NORM": norm}}}))
+    if "--eval-only" not in argv:
+        with open(out / "metrics.json", "a") as f:
+            for i in range(solver["MAX_ITER"]):
+                f.write(json.dumps({"iteration": i, "total_loss": 2.0 / (i + 1), "time": 0.5}) + "\\n")
+        for name in ("model_0000001.pth", "model_final.pth", "last_checkpoint"):
+            (out / name).write_text("x")
+    ap = 10.0 * int(pairs["SEED"]) + (0.5 if "--recalibrate" in argv else 0.0) + (1.0 if norm == "GN" else 0.0)
+    (out / "evaluation.json").write_text(json.dumps({"bbox": {"AP": ap, "AP50": 2 * ap}, "segm": {"AP": ap / 2}}))
+''')
+
+
+def write_study(tmp_path, text):
+    path = tmp_path / "study.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def study_file(tmp_path):
+    return write_study(tmp_path, f"""
+        configs: [{STUDY_CONFIG}]
+        seeds: [1, 2]
+        variants:
+          BN@2: {{norm: BN, overrides: {{SOLVER.MAX_ITER: 4}}}}
+          BN@2+PreciseBN: {{evaluate: BN@2, recalibrate: true}}
+          GN: {{norm: GN, overrides: {{SOLVER.MAX_ITER: 4, SOLVER.STEPS: [2, 3]}}}}
+        """)
+
+
+@pytest.fixture
+def fake_runner(tmp_path):
+    script = tmp_path / "fake_train_net.py"
+    script.write_text(FAKE_TRAIN_NET)
+    return StudyRunner(tmp_path / "out", script, poll_seconds=30)
+
+
+def calls(tmp_path):
+    log = tmp_path / "out" / "calls.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_cells_run_seed_by_seed_with_evaluations_after_their_trainings(study_file):
+    cells = load_study(study_file)
+    assert [(c.variant.name, c.seed) for c in cells] == [
+        ("BN@2", 1), ("GN", 1), ("BN@2+PreciseBN", 1), ("BN@2", 2), ("GN", 2), ("BN@2+PreciseBN", 2)]
+
+
+def test_norm_sets_every_norm_key_and_overrides_merge_into_detectron2_config(study_file):
+    gn = next(c for c in load_study(study_file) if c.variant.name == "GN")
+    cfg = get_cfg()
+    add_d2norm_config(cfg)
+    cfg.merge_from_file(str(STUDY_CONFIG))
+    cfg.merge_from_list(gn.opts())
+    assert {cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.ROI_MASK_HEAD.NORM,
+            cfg.MODEL.RETINANET.NORM} == {"GN"}
+    assert len(NORM_KEYS) == 5
+    assert cfg.SOLVER.STEPS == (2, 3) and cfg.SOLVER.MAX_ITER == 4 and cfg.SEED == gn.seed
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("{A: {norm: BN, lr: 1}}", "'variants.A' has unknown keys ['lr']"),
+    ("{A: {evaluate: B}}", "'variants.A.evaluate' = 'B' must name a trained variant: []"),
+    ("{A: {norm: BN}, B: {evaluate: A, recalibrate: yes please}}", "'variants.B.recalibrate' must be true or false"),
+    ("{A: {overrides: [SOLVER.MAX_ITER, 3]}}", "'variants.A.overrides' must map detectron2 keys to values"),
+])
+def test_a_bad_study_file_names_the_file_and_the_key(tmp_path, variants, message):
+    path = write_study(tmp_path, f"configs: [a.yaml]\nseeds: [1]\nvariants: {variants}\n")
+    with pytest.raises(StudyFileError) as e:
+        load_study(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_selecting_an_evaluation_variant_keeps_the_training_it_evaluates(study_file):
+    cells = load_study(study_file, only_variants=["BN@2+PreciseBN"], only_seeds=[2])
+    assert [(c.variant.name, c.seed) for c in cells] == [("BN@2", 2), ("BN@2+PreciseBN", 2)]
+    with pytest.raises(StudyFileError, match=r"unknown variants \['SyncBN'\]"):
+        load_study(study_file, only_variants=["SyncBN"])
+
+
+def test_run_records_every_cell_then_skips_finished_cells(study_file, fake_runner, tmp_path):
+    cells = load_study(study_file)
+    lines = []
+    records = fake_runner.run(cells, log=lines.append)
+    assert len(calls(tmp_path)) == 6
+    by_cell = {(r["variant"], r["seed"]): r for r in records}
+    assert by_cell[("BN@2", 2)]["box_ap"] == 20.0 and by_cell[("GN", 1)]["box_ap"] == 11.0
+    assert by_cell[("BN@2+PreciseBN", 1)]["box_ap"] == 10.5  # recalibrated evaluation of BN@2's weights
+    assert by_cell[("BN@2+PreciseBN", 1)]["iterations"] == 4 and by_cell[("BN@2", 1)]["seconds_per_iter"] == 0.5
+    assert set(records[0]) >= {"variant", "seed", "images_per_batch", "iterations", "box_ap", "mask_ap",
+                               "seconds_per_iter", "config", "commit"}
+    assert "[study] 6 cells: 0 finished, 6 to run" in lines and any("ETA" in line for line in lines[2:])
+    trained = cells[0].directory(fake_runner.output)
+    assert sorted(p.name for p in trained.glob("model_*.pth")) == ["model_final.pth"]  # intermediates deleted
+
+    again = []
+    assert fake_runner.run(cells, log=again.append) == records
+    assert len(calls(tmp_path)) == 6 and again == ["[study] 6 cells: 6 finished, 0 to run"]
+
+
+def test_commands_resume_trainings_and_evaluate_trained_weights(study_file, fake_runner):
+    train, _, evaluation = load_study(study_file)[:3]
+    command = fake_runner.command(train)
+    assert "--resume" in command and "--eval-only" not in command
+    assert command[-2:] == ["OUTPUT_DIR", str(train.directory(fake_runner.output))]
+    command = fake_runner.command(evaluation)
+    trained = train.directory(fake_runner.output)
+    assert {"--eval-only", "--recalibrate"} <= set(command)
+    assert command[command.index("--config-file") + 1] == str(trained / "config.yaml")
+    assert command[command.index("MODEL.WEIGHTS") + 1] == str(trained / "model_final.pth")
+
+
+def test_a_failed_cell_names_its_log_and_the_rerun_continues_there(study_file, fake_runner, tmp_path, monkeypatch):
+    cells = load_study(study_file)
+    failing = cells[1].directory(fake_runner.output)
+    monkeypatch.setenv("FAKE_FAIL", str(failing))
+    with pytest.raises(CellFailedError, match=r"GN / seed 1 failed \(exit 3\); see .*study_stdout.log"):
+        fake_runner.run(cells, log=lambda line: None)
+    monkeypatch.delenv("FAKE_FAIL")
+    fake_runner.run(cells, log=lambda line: None)
+    assert [c[c.index("OUTPUT_DIR") + 1] for c in calls(tmp_path)].count(str(failing)) == 2
+    assert len(calls(tmp_path)) == 7
+
+
+def test_report_gives_mean_and_spread_over_seeds_and_writes_plots(study_file, fake_runner, tmp_path):
+    cells = load_study(study_file)
+    records = fake_runner.run(cells, log=lambda line: None)
+    summary = aggregate(records)
+    bn = summary[(STUDY_CONFIG.stem, "BN@2")]
+    assert bn["box_ap"] == [10.0, 20.0] and bn["box_mean"] == 15.0 and bn["box_std"] == pytest.approx(7.0711, 1e-4)
+    table = markdown_table(summary)
+    assert "| BN@2 | 2 | 4 | 2 | 15.0 ± 7.1 | 10.0, 20.0 | 7.5 ± 3.5 |" in table
+    by_key = {(c.variant.name, c.seed): c for c in cells}
+    write_report(records, tmp_path / "report", lambda r: by_key[(r["variant"], r["seed"])].directory(fake_runner.output))
+    assert json.loads((tmp_path / "report" / "results.json").read_text()) == records
+    for png in ("final_ap.png", "loss.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_takes_trailing_overrides_and_rejects_unknown_flags(capsys):
+    args = parse_args(["run", "s.yaml", "--threads", "1", "DATASETS.TRAIN", "('coco_2017_train',)"])
+    assert args.threads == 1 and args.opts == ["DATASETS.TRAIN", "('coco_2017_train',)"]
+    with pytest.raises(SystemExit):
+        parse_args(["run", "s.yaml", "--thread", "1"])
+    assert "unrecognized arguments ['--thread']" in capsys.readouterr().err
+
+
+def test_the_shipped_study_file_loads(tmp_path):
+    cells = load_study(REPO / "benchmarks" / "small_batch" / "study.yaml")
+    names = {c.variant.name for c in cells}
+    assert {"BN@2", "BN@16", "GN", "CBN", "MABN", "BN@2+PreciseBN"} <= names
+    assert {c.seed for c in cells} >= {1, 2, 3}
+
+
+def test_eval_only_recalibrate_recomputes_statistics_and_saves_the_evaluation(tiny_splits, tmp_path,  # noqa: F811
+                                                                            monkeypatch):
+    """``train_net.py --eval-only --recalibrate``: population statistics from training batches, then
+    COCO evaluation, whose results land in ``OUTPUT_DIR/evaluation.json``."""
+    import torch
+
+    train_net = load_tool("train_net")
+    opts = tiny_opts("BN", tmp_path, tiny_splits, max_iter=2) + ["TEST.EVAL_PERIOD", "0",
+                                                                  "D2NORM.PRECISE_BN.ENABLED", "False"]
+    train_net.main(parse(["--config-file", str(DEMO_BASE), *opts]))
+    weights = tmp_path / "model_final.pth"
+    stored = torch.load(weights, map_location="cpu", weights_only=False)["model"]
+    seen = {}
+    build = train_net.Trainer.build_model
+
+    def keep_model(cfg):
+        seen["model"] = build(cfg)
+        return seen["model"]
+
+    monkeypatch.setattr(train_net.Trainer, "build_model", staticmethod(keep_model))
+    results = train_net.main(parse(["--config-file", str(DEMO_BASE), "--eval-only", "--recalibrate", *opts,
+                                    "MODEL.WEIGHTS", str(weights)]))
+    state = seen["model"].state_dict()
+    key = "backbone.bottom_up.stem.conv1.norm.running_var"
+    assert not torch.equal(state[key], stored[key])  # recalibrated, not the EMA of the checkpoint
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == json.loads(json.dumps(results))
+    with pytest.raises(SystemExit, match="--recalibrate goes with --eval-only"):
+        train_net.main(parse(["--config-file", str(DEMO_BASE), "--recalibrate", *opts]))
+
+
+def test_module_help_runs():
+    out = subprocess.run([sys.executable, "-m", "d2norm.study", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "run: train/evaluate unfinished cells" in out.stdout
