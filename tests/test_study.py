@@ -191,11 +191,14 @@ def test_cli_takes_trailing_overrides_and_rejects_unknown_flags(capsys):
     assert "unrecognized arguments ['--thread']" in capsys.readouterr().err
 
 
-def test_the_shipped_study_file_loads(tmp_path):
+def test_the_shipped_study_files_load_and_name_existing_configs():
     cells = load_study(REPO / "benchmarks" / "small_batch" / "study.yaml")
     names = {c.variant.name for c in cells}
     assert {"BN@2", "BN@16", "GN", "CBN", "MABN", "BN@2+PreciseBN"} <= names
     assert {c.seed for c in cells} >= {1, 2, 3}
+    paper = load_study(REPO / "benchmarks" / "paper" / "coco_small_batch.yaml")
+    assert {c.config_stem for c in paper} >= {"mask_rcnn_R_50_FPN_1x_cbn", "mask_rcnn_R_50_FPN_2x_scratch_mabn"}
+    assert all((REPO / c.config).is_file() for c in cells + paper)
 
 
 def test_eval_only_recalibrate_recomputes_statistics_and_saves_the_evaluation(tiny_splits, tmp_path,  # noqa: F811
