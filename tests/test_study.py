@@ -234,3 +234,27 @@ def test_eval_only_recalibrate_recomputes_statistics_and_saves_the_evaluation(ti
 def test_module_help_runs():
     out = subprocess.run([sys.executable, "-m", "d2norm.study", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "run: train/evaluate unfinished cells" in out.stdout
+
+
+def test_cbn_window_probe_leaves_training_unchanged_and_is_exact_where_nothing_moved(tiny_splits, tmp_path):  # noqa: F811
+    """tools/cbn_window_error.py: probing restores every buffer and the RNG (the trained weights are
+    the same with and without probes), and with a zero learning rate the stem's CBN, whose input is
+    the image, holds the statistics its past batches have now (error 0 up to float32 rounding)."""
+    import torch
+
+    tool = load_tool("cbn_window_error")
+    opts = tiny_opts("CBN", tmp_path, tiny_splits, max_iter=6) + ["D2NORM.CBN.WINDOW", "3",
+                                                                   "D2NORM.CBN.BURNIN_ITERS", "2"]
+    cfg = load_tool("train_net").setup(parse(["--config-file", str(DEMO_BASE), *opts]))
+    cfg.defrost()
+    records, probed = tool.train_and_probe(cfg, 5, 1, tmp_path / "probed", log=lambda line: None)
+    _, plain = tool.train_and_probe(cfg, 5, 100, tmp_path / "plain", log=lambda line: None)
+    for (name, a), b in zip(probed.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r["burning_in"] for r in records] == [True, True, False, False, False]
+    assert sorted(records[-1]["ages"]) == [1, 2] and (tmp_path / "probed" / "window_error.png").exists()
+
+    cfg.SOLVER.BASE_LR = 0.0
+    records, _ = tool.train_and_probe(cfg, 5, 5, tmp_path / "frozen", log=lambda line: None)
+    stem = records[-1]["age1_mean_error_per_layer"]["backbone.bottom_up.stem.conv1.norm"]
+    assert stem["compensated"] < 1e-6 and stem["raw"] < 1e-6 and stem["spread"] > 1e-3  # float32 window
