@@ -12,6 +12,7 @@ from detectron2.engine import default_argument_parser
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.data import register_shapes_split
+from d2norm.distributed import free_port
 from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,32 +95,63 @@ def test_resume_continues_from_the_last_checkpoint_with_norm_state(tiny_splits, 
         assert torch.equal(state[key], value), key
 
 
-def test_two_cpu_processes_train_with_gloo(tiny_splits, tmp_path):
-    """`--num-gpus 2` without GPUs: two gloo processes; CBN resolves in the spawned workers."""
+def train_script(tmp_path):
+    """tools/train_net.py behind a script that registers the tiny splits under $DATA_ROOT first.
+
+    Workers are spawned: they re-import this script, which registers the splits and d2norm.
+    """
     script = tmp_path / "run.py"
     script.write_text(
-        "import runpy, sys\n"
+        "import os, sys\n"
         "from d2norm.data import register_shapes_split\n"
-        f"register_shapes_split('test_shapes_train', {str(tmp_path / 'data')!r}, num_images=8, seed=3)\n"
-        f"register_shapes_split('test_shapes_val', {str(tmp_path / 'data_val')!r}, num_images=4, seed=4)\n"
+        "root = os.environ['DATA_ROOT']\n"
+        "register_shapes_split('test_shapes_train', os.path.join(root, 'train'), num_images=8, seed=3)\n"
+        "register_shapes_split('test_shapes_val', os.path.join(root, 'val'), num_images=4, seed=4)\n"
         f"sys.path.insert(0, {str(REPO / 'tools')!r})\n"
         "import train_net\n"
         "if __name__ == '__main__':\n"
         "    train_net.invoke_main()\n"
     )
-    # Workers are spawned: they re-import this script, which registers the splits and d2norm.
+    return script
+
+
+def start_training(script, argv, data_root):
+    return subprocess.Popen(
+        [sys.executable, str(script), "--config-file", str(DEMO_BASE), *argv], cwd=script.parent,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DATA_ROOT": str(data_root)},
+    )
+
+
+def test_two_cpu_processes_train_with_gloo(tiny_splits, tmp_path):
+    """`--num-gpus 2 --dist-url auto` without GPUs: two gloo processes; CBN resolves in the spawned workers."""
     out = tmp_path / "out"
     opts = tiny_opts("CBN", out, tiny_splits, max_iter=3) + ["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
-    proc = subprocess.run(
-        [sys.executable, str(script), "--num-gpus", "2", "--config-file", str(DEMO_BASE), *opts],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = start_training(train_script(tmp_path), ["--num-gpus", "2", "--dist-url", "auto", *opts], tmp_path / "data")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-6000:]
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log
-    assert "gloo" in proc.stdout + proc.stderr + log
+    assert "gloo" in output + log
     assert (out / "model_final.pth").exists()
+
+
+def test_two_machines_with_one_cpu_process_each_train_together(tiny_splits, tmp_path):
+    """`--num-machines 2 --machine-rank r --dist-url tcp://127.0.0.1:PORT`, both "machines" on localhost."""
+    script, out = train_script(tmp_path), tmp_path / "out"
+    url = f"tcp://127.0.0.1:{free_port()}"
+    opts = tiny_opts("CBN", out, tiny_splits, max_iter=3) + ["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
+    machines = [
+        start_training(script, ["--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(rank),
+                                "--dist-url", url, *opts], tmp_path / f"data{rank}")
+        for rank in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=600)[0] for proc in machines]
+    for proc, output in zip(machines, outputs):
+        assert proc.returncode == 0, output[-6000:]
+    assert "World size: 2" in (out / "log.txt").read_text()
+    iterations = [json.loads(line)["iteration"] for line in (out / "metrics.json").read_text().splitlines()]
+    assert iterations[-1] == 2 and (out / "model_final.pth").exists()
 
 
 def test_eval_only_evaluates_a_trained_precisebn_checkpoint_without_recalibrating(tiny_splits, tmp_path):
