@@ -1,18 +1,21 @@
 """tools/train_net.py from a user's point of view: train -> COCO AP, resume, two CPU processes."""
+import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from detectron2.engine import default_argument_parser
+from detectron2.engine import HookBase, default_argument_parser
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.data import register_shapes_split
 from d2norm.distributed import free_port
+from d2norm.output_lock import OutputDirBusyError, output_dir_lock
 from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +96,91 @@ def test_resume_continues_from_the_last_checkpoint_with_norm_state(tiny_splits, 
     state = resumed.model.state_dict()
     for key, value in saved.items():
         assert torch.equal(state[key], value), key
+
+
+class SeedEachStep(HookBase):
+    """Seeds torch's RNG with the iteration before each step (RoI sampling is random)."""
+
+    def before_step(self):
+        torch.manual_seed(self.trainer.iter)
+
+
+def fixed_batch_trainer(train_net, batch):
+    """The script's Trainer fed ``batch`` at every iteration, with :class:`SeedEachStep`."""
+
+    class FixedBatchTrainer(train_net.Trainer):
+        @classmethod
+        def build_train_loader(cls, cfg):
+            return itertools.repeat(batch)
+
+        def build_hooks(self):
+            return [SeedEachStep()] + super().build_hooks()
+
+    return FixedBatchTrainer
+
+
+@pytest.mark.parametrize("norm", ["CBN", "MABN"])
+def test_resume_continues_exactly_like_the_uninterrupted_run(norm, tiny_splits, tmp_path):
+    """Parameters, SGD momentum, LR schedule and norm state after resuming at iteration 3 of 6 equal
+    those of the uninterrupted run, bit for bit, given the same batches and RNG seeds."""
+    train_net = load_tool("train_net")
+    base = ["TEST.EVAL_PERIOD", "0", "D2NORM.PRECISE_BN.ENABLED", "False", "SOLVER.CHECKPOINT_PERIOD", "3",
+            "SOLVER.STEPS", "(4,)", "D2NORM.MABN.RENORM_FREE_ITERS", "3"]
+    cfg = train_net.setup(parse(["--config-file", str(DEMO_BASE), *tiny_opts(norm, tmp_path / "full", tiny_splits,
+                                                                             max_iter=6), *base]))
+    batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
+    Trainer = fixed_batch_trainer(train_net, batch)
+    full = Trainer(cfg)
+    full.resume_or_load(resume=False)
+    full.train()
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "full" / "model_0000002.pth", resumed_dir)
+    (resumed_dir / "last_checkpoint").write_text("model_0000002.pth")
+    resumed = Trainer(_with_output(cfg, resumed_dir))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 3
+    resumed.train()
+
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    full_opt, resumed_opt = full.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert full_opt["param_groups"] == resumed_opt["param_groups"]
+    for index, state in full_opt["state"].items():
+        assert torch.equal(resumed_opt["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert full.scheduler.state_dict() == resumed.scheduler.state_dict()
+
+
+def test_resume_restores_the_amp_grad_scaler(tiny_splits, tmp_path):
+    """AMP trains on GPUs only (detectron2's AMPTrainer asserts CUDA); the scaler's state round-trips."""
+    train_net = load_tool("train_net")
+    opts = tiny_opts("CBN", tmp_path, tiny_splits) + ["TEST.EVAL_PERIOD", "0", "SOLVER.AMP.ENABLED", "True"]
+    cfg = train_net.setup(parse(["--config-file", str(DEMO_BASE), *opts]))
+    trainer = train_net.Trainer(cfg)
+    trainer._trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**5, growth_interval=7)
+    trainer.checkpointer.save("model_0000000")
+    resumed = train_net.Trainer(cfg)
+    resumed._trainer.grad_scaler = torch.amp.GradScaler("cpu")
+    resumed.resume_or_load(resume=True)
+    assert resumed._trainer.grad_scaler.state_dict() == trainer._trainer.grad_scaler.state_dict()
+
+
+def test_a_second_training_into_a_busy_output_dir_is_refused_before_writing(tiny_splits, tmp_path):
+    train_net = load_tool("train_net")
+    args = parse(["--config-file", str(DEMO_BASE), *tiny_opts("CBN", tmp_path, tiny_splits)])
+    with output_dir_lock(str(tmp_path)):  # the first training
+        with pytest.raises(OutputDirBusyError, match=f"OUTPUT_DIR {tmp_path} is in use"):
+            train_net.main(args)
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def _with_output(cfg, output_dir):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(output_dir)
+    cfg.freeze()
+    return cfg
 
 
 def train_script(tmp_path):

@@ -272,6 +272,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         """``nn.BatchNorm2d``'s forward, except that the affine is cast to the statistics' dtype
         (float32 buffers in a half model) and a training batch with non-finite statistics leaves the
         running statistics as they were."""
+        self._check_input_dim(x)
         weight, bias = (None if p is None else p.to(self.running_mean.dtype) for p in (self.weight, self.bias))
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
