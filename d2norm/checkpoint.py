@@ -34,6 +34,15 @@ def _reason(error):
 class Checkpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with errors that name the file and a resume fallback (module doc)."""
 
+    def load(self, path, *args, **kwargs):
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            # detectron2 main resets this only after a successful load; a failed one would make
+            # the fallback's next load() trip its assertion.
+            if hasattr(self, "_parsed_url_during_load"):
+                self._parsed_url_during_load = None
+
     def _load_file(self, filename):
         try:
             loaded = super()._load_file(filename)
