@@ -82,8 +82,9 @@ def test_a_non_finite_batch_changes_no_state_and_training_continues_as_without_i
     assert torch.isfinite(model(batch(0))).all()
 
 
-def test_precise_bn_population_statistics_ignore_a_non_finite_recalibration_batch(caplog):
-    model = block("PreciseBN")
+@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN"])
+def test_population_statistics_ignore_a_non_finite_recalibration_batch(name, caplog):
+    model = block(name)
     batches = [batch(step) for step in range(3)]
     poisoned = batch(99)
     poisoned[1, 0, 0, 0] = float("nan")
