@@ -13,6 +13,7 @@ import torch
 from detectron2.engine import HookBase, default_argument_parser
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from d2norm.checkpoint import CheckpointError
 from d2norm.data import register_shapes_split
 from d2norm.distributed import free_port
 from d2norm.output_lock import OutputDirBusyError, output_dir_lock
@@ -173,6 +174,18 @@ def test_a_second_training_into_a_busy_output_dir_is_refused_before_writing(tiny
         with pytest.raises(OutputDirBusyError, match=f"OUTPUT_DIR {tmp_path} is in use"):
             train_net.main(args)
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_random_bytes_as_weights_give_an_error_naming_the_file(tiny_splits, tmp_path):
+    train_net = load_tool("train_net")
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(os.urandom(2048))
+    opts = tiny_opts("CBN", tmp_path, tiny_splits) + ["MODEL.WEIGHTS", str(weights)]
+    with pytest.raises(CheckpointError, match=f"Cannot read checkpoint file {weights}"):
+        train_net.main(parse(["--config-file", str(DEMO_BASE), "--eval-only", *opts]))
+    trainer = train_net.Trainer(train_net.setup(parse(["--config-file", str(DEMO_BASE), *opts])))
+    with pytest.raises(CheckpointError, match=f"Cannot read checkpoint file {weights}"):
+        trainer.resume_or_load(resume=False)
 
 
 def _with_output(cfg, output_dir):
