@@ -7,6 +7,7 @@ makes the trainer wrap CPU models without ``device_ids``. On GPU machines both d
 """
 import contextlib
 import logging
+import socket
 from datetime import timedelta
 
 import torch
@@ -16,7 +17,7 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
-__all__ = ["launch", "cpu_ddp_compatible"]
+__all__ = ["launch", "cpu_ddp_compatible", "free_port"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def launch(main_func, num_processes, num_machines=1, machine_rank=0, dist_url=No
     if dist_url in (None, "auto"):
         if num_machines != 1:
             raise ValueError("--dist-url auto works for one machine only; give tcp://HOST:PORT")
-        dist_url = f"tcp://127.0.0.1:{d2_launch._find_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{free_port()}"
     logger.info(f"No CUDA: launching {num_processes} CPU processes with the gloo backend ({dist_url})")
     mp.start_processes(
         _cpu_worker,
@@ -47,6 +48,13 @@ def launch(main_func, num_processes, num_machines=1, machine_rank=0, dist_url=No
         daemon=False,
         start_method="spawn",
     )
+
+
+def free_port():
+    """A TCP port of this machine that is free now (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):

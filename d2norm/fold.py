@@ -44,14 +44,17 @@ def fold_norms(model):
 
 
 def _replace_with_frozen_affine(model):
-    """Every d2norm layer still in ``model`` (none has a conv of its own) -> its affine as FrozenBN."""
+    """Every d2norm layer still in ``model`` (none has a conv of its own) -> its affine as FrozenBN,
+    in the dtype of the model's parameters (statistics may be float32 in a half model) and on the
+    layer's device."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     for parent in list(model.modules()):
         for key, child in list(parent._modules.items()):
             if isinstance(child, D2NORM_LAYER_TYPES):
                 scale, shift = child.per_channel_affine()
-                frozen = FrozenBatchNorm2d(scale.numel(), eps=0.0)
+                frozen = FrozenBatchNorm2d(scale.numel(), eps=0.0).to(scale.device, dtype or scale.dtype)
                 frozen.weight.copy_(scale)
                 frozen.bias.copy_(shift)
                 frozen.running_mean.zero_()
                 frozen.running_var.fill_(1.0)
-                parent._modules[key] = frozen.to(scale.device)
+                parent._modules[key] = frozen

@@ -6,7 +6,8 @@ over all of them, weighting every batch by its number of values N·H·W,
 
     mean = Σ x / n,    E[x²] = Σ x² / n,    var = E[x²] - mean²   (population variance),
 
-accumulated in float64. Under ``torch.distributed`` the sums and counts are all-reduced, so every
+accumulated in float64. A batch whose input to a layer has a non-finite value adds nothing to
+that layer's sums (the other batches still count); the number of such batches is logged. Under ``torch.distributed`` the sums and counts are all-reduced, so every
 rank ends with the statistics of the union of all ranks' batches (fvcore's ``update_bn_stats``
 keeps per-rank statistics: detectron2 issues #5398, #5409).
 
@@ -54,14 +55,17 @@ class _PooledMoments:
 
     def __init__(self, num_channels, device):
         self.sums = torch.zeros(2 * num_channels + 1, dtype=torch.float64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)  # batches with non-finite values
 
     def add(self, x):
         num_channels = x.shape[1]
         x = x.detach().to(torch.float64)
         dims = [d for d in range(x.dim()) if d != 1]
-        self.sums[:num_channels] += x.sum(dim=dims)
-        self.sums[num_channels:-1] += x.square().sum(dim=dims)
-        self.sums[-1] += x.numel() // num_channels
+        count = torch.full((1,), x.numel() // num_channels, dtype=torch.float64, device=x.device)
+        batch = torch.cat([x.sum(dim=dims), x.square().sum(dim=dims), count])
+        finite = batch.isfinite().all()  # decided on the device: no synchronisation per layer
+        self.sums += torch.where(finite, batch, 0.0)
+        self.skipped += ~finite
 
     @property
     def count(self):
@@ -164,6 +168,10 @@ def _all_reduce(tensors):
 
 def _set_statistics(layers, moments):
     unseen = []
+    skipped = {name: int(moments[layer].skipped) for name, layer in layers}
+    if any(skipped.values()):
+        logger.warning("Recalibration: batches with non-finite values were left out of: " + ", ".join(
+            f"{name} ({n})" for name, n in skipped.items() if n))
     for name, layer in layers:
         pooled = moments[layer]
         if pooled.count == 0:

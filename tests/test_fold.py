@@ -51,8 +51,10 @@ def test_fold_refuses_a_model_in_training_mode():
         fold_norms(block)
 
 
-def test_tiny_retinanet_with_per_level_cbn_folds_to_frozen_affines():
-    """Per-level norms behind a shared conv cannot enter the conv: they become FrozenBatchNorm2d."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_retinanet_with_per_level_cbn_folds_to_frozen_affines(dtype):
+    """Per-level norms behind a shared conv cannot enter the conv: they become FrozenBatchNorm2d,
+    in the model's dtype."""
     cfg = get_cfg()
     d2norm.add_d2norm_config(cfg)
     cfg.merge_from_list([
@@ -64,18 +66,20 @@ def test_tiny_retinanet_with_per_level_cbn_folds_to_frozen_affines():
         "MODEL.RETINANET.NUM_CLASSES", "5", "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",
         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
     ])
-    model = build_model(cfg).eval()
+    model = build_model(cfg).eval().to(dtype)
     head = model.head
     assert sum(isinstance(m, PerLevelNorm) for m in head.modules()) == 2
     for m in head.modules():
         if isinstance(m, CrossIterationBatchNorm2d):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2.0)
-    features = [torch.randn(1, 16, s, s) for s in (8, 4, 2, 1, 1)]
+    features = [torch.randn(1, 16, s, s, dtype=dtype) for s in (8, 4, 2, 1, 1)]
     expected = head(features)
     fold_norms(model)
     assert not any(isinstance(m, CrossIterationBatchNorm2d) for m in model.modules())
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in head.modules()) == 2 * 5
-    for got, want in zip(head(features), expected):
+    with torch.no_grad():  # inference: FrozenBatchNorm2d takes its fused F.batch_norm path
+        folded = head(features)
+    for got, want in zip(folded, expected):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
 from torch.func import functional_call
@@ -396,6 +397,27 @@ def test_save_load_continue_is_bit_identical():
         a, b = sgd_step(original, x, seed=t), sgd_step(resumed, x, seed=t)
         assert torch.equal(a, b)
         assert_state_equal(state(original), state(resumed))
+
+
+@pytest.mark.parametrize("loader", ["load_state_dict", "DetectionCheckpointer"])
+def test_checkpoint_of_another_buffer_size_restarts_the_moving_averages(loader, tmp_path, caplog):
+    """Ring buffers of another m cannot continue: running_var loads, iters and buffers restart
+    together (DetectionCheckpointer drops the mismatched buffers, load_state_dict would refuse them)."""
+    trained = make_conv_mabn()
+    for t in range(8):
+        sgd_step(trained, randn(2, 3, 5, 5, seed=t, dtype=torch.float32), seed=t)
+    norm = MovingAverageBatchNorm2d(4, buffer_size=5, warmup_iters=4, renorm_free_iters=6)
+    resized = centralize_conv_weight(D2Conv2d(3, 4, 3, padding=1, bias=False, norm=norm))
+    with caplog.at_level(logging.INFO, logger="d2norm.layers.mabn"):
+        if loader == "load_state_dict":
+            resized.load_state_dict(trained.state_dict())
+        else:
+            torch.save({"model": trained.state_dict()}, tmp_path / "m.pth")
+            DetectionCheckpointer(resized).load(str(tmp_path / "m.pth"))
+    assert "buffer_size 5" in caplog.text and "iters = 0" in caplog.text
+    assert torch.equal(norm.running_var, trained.norm.running_var)
+    assert int(norm.iters) == 0 and not norm.buffer_x2.any() and not norm.buffer_gz.any()
+    assert norm.buffer_x2.shape == (5, 4)
 
 
 @pytest.mark.parametrize("source", ["BatchNorm2d", "FrozenBatchNorm2d"])

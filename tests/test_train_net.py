@@ -1,16 +1,22 @@
 """tools/train_net.py from a user's point of view: train -> COCO AP, resume, two CPU processes."""
+import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from detectron2.engine import HookBase
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from d2norm.checkpoint import CheckpointError
 from d2norm.data import register_shapes_split
+from d2norm.distributed import free_port
+from d2norm.output_lock import OutputDirBusyError, output_dir_lock
 from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,32 +99,160 @@ def test_resume_continues_from_the_last_checkpoint_with_norm_state(tiny_splits, 
         assert torch.equal(state[key], value), key
 
 
-def test_two_cpu_processes_train_with_gloo(tiny_splits, tmp_path):
-    """`--num-gpus 2` without GPUs: two gloo processes; CBN resolves in the spawned workers."""
+class SeedEachStep(HookBase):
+    """Seeds torch's RNG with the iteration before each step (RoI sampling is random)."""
+
+    def before_step(self):
+        torch.manual_seed(self.trainer.iter)
+
+
+def fixed_batch_trainer(train_net, batch):
+    """The script's Trainer fed ``batch`` at every iteration, with :class:`SeedEachStep`."""
+
+    class FixedBatchTrainer(train_net.Trainer):
+        @classmethod
+        def build_train_loader(cls, cfg):
+            return itertools.repeat(batch)
+
+        def build_hooks(self):
+            return [SeedEachStep()] + super().build_hooks()
+
+    return FixedBatchTrainer
+
+
+@pytest.mark.parametrize("norm", ["CBN", "MABN"])
+def test_resume_continues_exactly_like_the_uninterrupted_run(norm, tiny_splits, tmp_path):
+    """Parameters, SGD momentum, LR schedule and norm state after resuming at iteration 3 of 6 equal
+    those of the uninterrupted run, bit for bit, given the same batches and RNG seeds."""
+    train_net = load_tool("train_net")
+    base = ["TEST.EVAL_PERIOD", "0", "D2NORM.PRECISE_BN.ENABLED", "False", "SOLVER.CHECKPOINT_PERIOD", "3",
+            "SOLVER.STEPS", "(4,)", "D2NORM.MABN.RENORM_FREE_ITERS", "3"]
+    cfg = train_net.setup(parse(["--config-file", str(DEMO_BASE), *tiny_opts(norm, tmp_path / "full", tiny_splits,
+                                                                             max_iter=6), *base]))
+    batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
+    Trainer = fixed_batch_trainer(train_net, batch)
+    full = Trainer(cfg)
+    full.resume_or_load(resume=False)
+    full.train()
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "full" / "model_0000002.pth", resumed_dir)
+    (resumed_dir / "last_checkpoint").write_text("model_0000002.pth")
+    resumed = Trainer(_with_output(cfg, resumed_dir))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 3
+    resumed.train()
+
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    full_opt, resumed_opt = full.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert full_opt["param_groups"] == resumed_opt["param_groups"]
+    for index, state in full_opt["state"].items():
+        assert torch.equal(resumed_opt["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert full.scheduler.state_dict() == resumed.scheduler.state_dict()
+
+
+def test_resume_restores_the_amp_grad_scaler(tiny_splits, tmp_path):
+    """AMP trains on GPUs only (detectron2's AMPTrainer asserts CUDA); the scaler's state round-trips."""
+    train_net = load_tool("train_net")
+    opts = tiny_opts("CBN", tmp_path, tiny_splits) + ["TEST.EVAL_PERIOD", "0", "SOLVER.AMP.ENABLED", "True"]
+    cfg = train_net.setup(parse(["--config-file", str(DEMO_BASE), *opts]))
+    trainer = train_net.Trainer(cfg)
+    trainer._trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**5, growth_interval=7)
+    trainer.checkpointer.save("model_0000000")
+    resumed = train_net.Trainer(cfg)
+    resumed._trainer.grad_scaler = torch.amp.GradScaler("cpu")
+    resumed.resume_or_load(resume=True)
+    assert resumed._trainer.grad_scaler.state_dict() == trainer._trainer.grad_scaler.state_dict()
+
+
+def test_a_second_training_into_a_busy_output_dir_is_refused_before_writing(tiny_splits, tmp_path):
+    train_net = load_tool("train_net")
+    args = parse(["--config-file", str(DEMO_BASE), *tiny_opts("CBN", tmp_path, tiny_splits)])
+    with output_dir_lock(str(tmp_path)):  # the first training
+        with pytest.raises(OutputDirBusyError, match=f"OUTPUT_DIR {tmp_path} is in use"):
+            train_net.main(args)
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_random_bytes_as_weights_give_an_error_naming_the_file(tiny_splits, tmp_path):
+    train_net = load_tool("train_net")
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(os.urandom(2048))
+    opts = tiny_opts("CBN", tmp_path, tiny_splits) + ["MODEL.WEIGHTS", str(weights)]
+    with pytest.raises(CheckpointError, match=f"Cannot read checkpoint file {weights}"):
+        train_net.main(parse(["--config-file", str(DEMO_BASE), "--eval-only", *opts]))
+    trainer = train_net.Trainer(train_net.setup(parse(["--config-file", str(DEMO_BASE), *opts])))
+    with pytest.raises(CheckpointError, match=f"Cannot read checkpoint file {weights}"):
+        trainer.resume_or_load(resume=False)
+
+
+def _with_output(cfg, output_dir):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(output_dir)
+    cfg.freeze()
+    return cfg
+
+
+def train_script(tmp_path):
+    """tools/train_net.py behind a script that registers the tiny splits under $DATA_ROOT first.
+
+    Workers are spawned: they re-import this script, which registers the splits and d2norm.
+    """
     script = tmp_path / "run.py"
     script.write_text(
-        "import runpy, sys\n"
+        "import os, sys\n"
         "from d2norm.data import register_shapes_split\n"
-        f"register_shapes_split('test_shapes_train', {str(tmp_path / 'data')!r}, num_images=8, seed=3)\n"
-        f"register_shapes_split('test_shapes_val', {str(tmp_path / 'data_val')!r}, num_images=4, seed=4)\n"
+        "root = os.environ['DATA_ROOT']\n"
+        "register_shapes_split('test_shapes_train', os.path.join(root, 'train'), num_images=8, seed=3)\n"
+        "register_shapes_split('test_shapes_val', os.path.join(root, 'val'), num_images=4, seed=4)\n"
         f"sys.path.insert(0, {str(REPO / 'tools')!r})\n"
         "import train_net\n"
         "if __name__ == '__main__':\n"
         "    train_net.invoke_main()\n"
     )
-    # Workers are spawned: they re-import this script, which registers the splits and d2norm.
+    return script
+
+
+def start_training(script, argv, data_root):
+    return subprocess.Popen(
+        [sys.executable, str(script), "--config-file", str(DEMO_BASE), *argv], cwd=script.parent,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DATA_ROOT": str(data_root)},
+    )
+
+
+def test_two_cpu_processes_train_with_gloo(tiny_splits, tmp_path):
+    """`--num-gpus 2 --dist-url auto` without GPUs: two gloo processes; CBN resolves in the spawned workers."""
     out = tmp_path / "out"
     opts = tiny_opts("CBN", out, tiny_splits, max_iter=3) + ["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
-    proc = subprocess.run(
-        [sys.executable, str(script), "--num-gpus", "2", "--config-file", str(DEMO_BASE), *opts],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = start_training(train_script(tmp_path), ["--num-gpus", "2", "--dist-url", "auto", *opts], tmp_path / "data")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-6000:]
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log
-    assert "gloo" in proc.stdout + proc.stderr + log
+    assert "gloo" in output + log
     assert (out / "model_final.pth").exists()
+
+
+def test_two_machines_with_one_cpu_process_each_train_together(tiny_splits, tmp_path):
+    """`--num-machines 2 --machine-rank r --dist-url tcp://127.0.0.1:PORT`, both "machines" on localhost."""
+    script, out = train_script(tmp_path), tmp_path / "out"
+    url = f"tcp://127.0.0.1:{free_port()}"
+    opts = tiny_opts("CBN", out, tiny_splits, max_iter=3) + ["TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
+    machines = [
+        start_training(script, ["--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(rank),
+                                "--dist-url", url, *opts], tmp_path / f"data{rank}")
+        for rank in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=600)[0] for proc in machines]
+    for proc, output in zip(machines, outputs):
+        assert proc.returncode == 0, output[-6000:]
+    assert "World size: 2" in (out / "log.txt").read_text()
+    iterations = [json.loads(line)["iteration"] for line in (out / "metrics.json").read_text().splitlines()]
+    assert iterations[-1] == 2 and (out / "model_final.pth").exists()
 
 
 def test_eval_only_evaluates_a_trained_precisebn_checkpoint_without_recalibrating(tiny_splits, tmp_path):

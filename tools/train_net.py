@@ -4,24 +4,29 @@
 Same flags as detectron2's ``tools/train_net.py``: ``--config-file``, ``--num-gpus`` (processes;
 gloo on CPU when there is no GPU), ``--resume``, ``--eval-only`` and trailing ``KEY VALUE`` overrides.
 """
+import contextlib
 import json
 import logging
 import os
+import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import d2norm  # noqa: F401  (registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers)
 from d2norm import add_d2norm_config, validate_d2norm_config
+from d2norm.checkpoint import Checkpointer
 from d2norm.config import scale_norm_iterations
 from d2norm.distributed import cpu_ddp_compatible, launch
 from d2norm.hooks import build_norm_hooks, build_recalibrator
 from d2norm.modeling import build_model
+from d2norm.nonfinite_report import ReportNonFiniteSkips
+from d2norm.output_lock import output_dir_lock
 from d2norm.solver import build_optimizer
 
 
@@ -35,12 +40,28 @@ def fast_coco_eval_available():
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with d2norm's model building, optimizer groups and norm hooks."""
+    """DefaultTrainer with d2norm's model building, optimizer groups, norm hooks, checkpointer
+    (errors naming the file, resume fallback) and complete resume state on detectron2 v0.6."""
+
+    # detectron2 main's DefaultTrainer checkpoints its inner trainer (optimizer, AMP grad scaler)
+    # under "_trainer"; v0.6's saves only the iteration and the hooks (LR scheduler).
+    _SAVES_INNER_TRAINER = DefaultTrainer.state_dict is not TrainerBase.state_dict
 
     def __init__(self, cfg):
         cfg = scale_norm_iterations(cfg, comm.get_world_size())
         with cpu_ddp_compatible():
             super().__init__(cfg)
+
+    def state_dict(self):
+        state = super().state_dict()
+        if not self._SAVES_INNER_TRAINER:
+            state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not self._SAVES_INNER_TRAINER and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_model(cls, cfg):
@@ -56,17 +77,23 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=fast_coco_eval_available())
 
     def build_hooks(self):
-        """detectron2's hooks with its PreciseBN replaced by d2norm's, placed before checkpointing."""
+        """detectron2's hooks with its PreciseBN replaced by d2norm's, placed before checkpointing.
+
+        Also swaps in d2norm's checkpointer first (``DefaultTrainer.__init__`` has just built
+        detectron2's), so that the periodic checkpointer hook and ``resume_or_load`` use it.
+        """
+        self.checkpointer = Checkpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         hook_list = [h for h in super().build_hooks() if not isinstance(h, hooks.PreciseBN)]
         norm_hooks = build_norm_hooks(self.cfg, self.model, self.build_train_loader)
         first_after = next(
             (i for i, h in enumerate(hook_list) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))),
             len(hook_list),
         )
+        norm_hooks.append(ReportNonFiniteSkips(self.model))
         return hook_list[:first_after] + norm_hooks + hook_list[first_after:]
 
 
-def setup(args):
+def load_config(args):
     """Config from file and overrides, D2NORM validated, CPU when there is no GPU."""
     cfg = get_cfg()
     add_d2norm_config(cfg)
@@ -76,6 +103,12 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     validate_d2norm_config(cfg)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """:func:`load_config`, then detectron2's and d2norm's logging and config dump in OUTPUT_DIR."""
+    cfg = load_config(args)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2norm")
     logger = logging.getLogger("d2norm")
@@ -97,7 +130,7 @@ def save_evaluation(cfg, results):
 def evaluate(cfg, args):
     """``--eval-only``: load ``MODEL.WEIGHTS``, optionally recalibrate the norms, evaluate."""
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
     if args.recalibrate:
         build_recalibrator(cfg, model, Trainer.build_train_loader)()
     res = Trainer.test(cfg, model)
@@ -106,14 +139,18 @@ def evaluate(cfg, args):
 
 
 def main(args):
-    cfg = setup(args)
     if args.eval_only:
+        cfg = setup(args)
         return save_evaluation(cfg, evaluate(cfg, args))
     if args.recalibrate:
         raise SystemExit("--recalibrate goes with --eval-only (training recalibrates as D2NORM.PRECISE_BN says)")
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()
+    # One training per OUTPUT_DIR, locked before anything is written there (rank 0 writes).
+    output_dir = load_config(args).OUTPUT_DIR
+    with output_dir_lock(output_dir) if comm.is_main_process() else contextlib.nullcontext():
+        cfg = setup(args)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
     return save_evaluation(cfg, getattr(trainer, "_last_eval_results", None))  # set by the final evaluation
 
 

@@ -20,14 +20,23 @@ current batch as in ``nn.BatchNorm2d``. Unlike the official code, the current ba
 entry is dropped rather than propagated. Efficient bookkeeping (A.7): per past iteration the layer keeps
 the mean input patch (one per conv group), d var/dW (one weight-sized tensor), and the per-channel
 scalars ``<d stat/dW, W_old>`` in place of a weight snapshot, all in fixed-size ring buffers.
+
+Robustness: a training batch with non-finite statistics leaves the window and the running
+statistics as they were (counted in ``nonfinite_skips``); statistics buffers stay float32 under
+``.half()``/``.to(torch.bfloat16)``; no buffer has more than 4 dimensions, so
+``model.to(memory_format=torch.channels_last)`` works.
 """
 import weakref
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
-from .per_channel import REDUCE_DIMS, batch_norm_affine, per_channel, statistics_dtype
+from .per_channel import (
+    REDUCE_DIMS, all_finite, batch_norm_affine, keep_float32_buffers, per_channel, statistics_dtype,
+)
+from .recomputation import refuse_recomputation
 
 __all__ = ["CrossIterationBatchNorm2d", "conv_statistic_gradients", "cross_iteration_batch_norm"]
 
@@ -163,6 +172,10 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     other forward (eval, ``torch.no_grad``, frozen input, empty batch) is ``nn.BatchNorm2d``'s and
     leaves the window and the counter untouched. The window needs the conv that feeds the layer:
     :meth:`bind_conv` (called by ``d2norm.prepare_model``).
+
+    A training batch whose mean or variance is not finite updates neither the window nor the
+    running statistics (``train_iterations`` still counts it); ``nonfinite_skips`` (per process,
+    not saved) counts such batches.
     """
 
     def __init__(self, num_features, window=8, burnin_iters=0, momentum=0.1, eps=1e-5, affine=True):
@@ -182,10 +195,11 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("history_mean", torch.zeros(past, num_features))
         self.register_buffer("history_var", torch.zeros(past, num_features))
         self.register_buffer("history_mean_grad", torch.zeros(past, 0, 0, 0))
-        self.register_buffer("history_var_grad", torch.zeros(past, num_features, 0, 0, 0))
+        self.register_buffer("history_var_grad", torch.zeros(past, num_features, 0))  # dvar/dW, (C_out, -1)
         # <d stat/dW, W_old>_c, which stands in for the old weight in the Taylor step.
         self.register_buffer("history_mean_grad_dot_weight", torch.zeros(past, num_features))
         self.register_buffer("history_var_grad_dot_weight", torch.zeros(past, num_features))
+        self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.long), persistent=False)
         self._conv_ref = None  # weakref to the bound conv (never a submodule: that is a module cycle)
         self._conv_hook = None
         self._conv_call = None  # (conv, conv input) of the current forward, set by the conv's pre-hook
@@ -226,7 +240,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         past, weight_shape = self.window - 1, tuple(conv.weight.shape)
         shapes = {
             "history_mean_grad": (past, conv.in_channels, *weight_shape[2:]),
-            "history_var_grad": (past, *weight_shape),
+            "history_var_grad": (past, weight_shape[0], conv.weight[0].numel()),
         }
         for name, shape in shapes.items():
             buf = getattr(self, name)
@@ -239,11 +253,12 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         conv_call, self._conv_call = self._conv_call, None  # never keep the conv input alive
         if not (self.training and torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0:
-            return super().forward(x)
+            return self._batch_norm(x)
+        refuse_recomputation(self)
         burning_in = self.burnin_iters > 0 and int(self.train_iterations) < self.burnin_iters
         self.train_iterations.add_(1)
         if burning_in or self.window == 1:
-            return super().forward(x)
+            return self._batch_norm(x)
         if conv_call is None:
             if self._bound_conv() is None:
                 raise RuntimeError(
@@ -252,6 +267,26 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
                 )
             raise RuntimeError("CrossIterationBatchNorm2d: its bound conv did not run right before it")
         return self._pooled_forward(x, *conv_call)
+
+    def _batch_norm(self, x):
+        """``nn.BatchNorm2d``'s forward, except that the affine is cast to the statistics' dtype
+        (float32 buffers in a half model) and a training batch with non-finite statistics leaves the
+        running statistics as they were."""
+        self._check_input_dim(x)
+        weight, bias = (None if p is None else p.to(self.running_mean.dtype) for p in (self.weight, self.bias))
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
+        # F.batch_norm updates copies (its backward keeps them), adopted if finite.
+        running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
+        finite = all_finite(running_mean, running_var)
+        for buf, updated in ((self.running_mean, running_mean), (self.running_var, running_var)):
+            buf.copy_(torch.where(finite, updated, buf))
+        self.num_batches_tracked.sub_((~finite).long())
+        self.nonfinite_skips.add_((~finite).long())
+        return y
 
     def _pooled_forward(self, x, conv, conv_input):
         samples = x.numel() // x.shape[1]
@@ -265,8 +300,10 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             var, mean = torch.var_mean(xs, dim=REDUCE_DIMS, correction=0)
             weight = conv.weight.detach().to(dtype)
             past_mean, past_var, past_valid = self._compensated_history(weight, conv.groups)
-            self._push_history(conv, conv_input.detach().to(dtype), xs, mean, var, weight)
-            self._update_running_stats(mean, var * (samples / (samples - 1)))
+            finite = all_finite(mean, var)
+            self._push_history(conv, conv_input.detach().to(dtype), xs, mean, var, weight, finite)
+            self._update_running_stats(mean, var * (samples / (samples - 1)), finite)
+            self.nonfinite_skips.add_((~finite).long())
         return cross_iteration_batch_norm(
             x, self.weight, self.bias, mean, var, past_mean, past_var, past_valid, self.eps
         )
@@ -283,8 +320,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         filled = torch.arange(self.window - 1, device=mean.device) < self.history_length
         return mean, var, filled[:, None] & (var >= 0)
 
-    def _push_history(self, conv, conv_input, conv_output, mean, var, weight):
-        """Write the current iteration into the ring buffer (A.4 step 5, stored as in A.7)."""
+    def _push_history(self, conv, conv_input, conv_output, mean, var, weight, finite):
+        """Write the current iteration into the ring buffer (A.4 step 5, stored as in A.7) if ``finite``
+        (a 0-dim bool tensor); otherwise the slot keeps its value and the ring does not move."""
         mean_grad, var_grad = conv_statistic_gradients(
             conv_input, conv_output, mean, weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups
         )
@@ -292,23 +330,25 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             "history_mean": mean,
             "history_var": var,
             "history_mean_grad": mean_grad,
-            "history_var_grad": var_grad,
+            "history_var_grad": var_grad.flatten(1),
             "history_mean_grad_dot_weight": _mean_patch_dot_weight(mean_grad[None], weight, conv.groups)[0],
             "history_var_grad_dot_weight": _weight_grad_dot_weight(var_grad[None], weight)[0],
         }
         slot = self.history_next.view(1)
         for name, value in entry.items():
             buf = getattr(self, name)
-            buf.index_copy_(0, slot, value[None].to(buf.dtype))
-        self.history_next.add_(1).remainder_(self.window - 1)
-        self.history_length.add_(1).clamp_(max=self.window - 1)
+            buf.index_copy_(0, slot, torch.where(finite, value[None].to(buf.dtype), buf.index_select(0, slot)))
+        step = finite.long()
+        self.history_next.add_(step).remainder_(self.window - 1)
+        self.history_length.add_(step).clamp_(max=self.window - 1)
 
-    def _update_running_stats(self, mean, unbiased_var):
-        """As ``nn.BatchNorm2d``: EMA of the current batch's mean and unbiased variance."""
-        self.num_batches_tracked.add_(1)
+    def _update_running_stats(self, mean, unbiased_var, finite):
+        """As ``nn.BatchNorm2d``: EMA of the current batch's mean and unbiased variance, if ``finite``."""
+        self.num_batches_tracked.add_(finite.long())
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-        self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
+        for buf, value in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+            updated = buf.mul(1 - factor).add_(value.to(buf.dtype), alpha=factor)
+            buf.copy_(torch.where(finite, updated, buf))
 
     # ------------------------------------------------------------------ inference and state
     def per_channel_affine(self):
@@ -321,6 +361,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         an empty window whatever the conv; an unbound layer takes the checkpoint's derivative-buffer
         shapes."""
         state_dict.setdefault(prefix + "train_iterations", self.train_iterations)
+        var_grad_key = prefix + "history_var_grad"
+        if var_grad_key in state_dict and state_dict[var_grad_key].dim() == 5:  # saved before it was flattened
+            state_dict[var_grad_key] = state_dict[var_grad_key].flatten(2)
         keys = {name: prefix + name for name in _WINDOW_STATE}
         saved_length = state_dict.get(keys["history_length"])
         if not all(key in state_dict for key in keys.values()) or int(saved_length) == 0:
@@ -334,6 +377,10 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
                 if saved.shape[0] == buf.shape[0] and saved.shape != buf.shape:
                     setattr(self, name, buf.new_zeros(saved.shape))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        return keep_float32_buffers(self)
 
     def __getstate__(self):
         # Pickle/deepcopy the bound conv by strong reference, so a copied model's CBN refers to

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from .per_channel import REDUCE_DIMS, per_channel, register_affine, statistics_dtype
+from .per_channel import REDUCE_DIMS, keep_float32_buffers, per_channel, register_affine, statistics_dtype
+from .recomputation import refuse_recomputation
 
 __all__ = ["MovingAverageBatchNorm2d"]
 
@@ -31,18 +32,19 @@ class _MovingAverageNormFunction(torch.autograd.Function):
 
     Backward, with z = x/√(var+eps) and g = G·γ·r (r a constant, as in batch renormalisation):
     Ψ = mean_{N,H,W}(g·z) is written to ``buffer_gz[slot]`` (only where finite, so a loss-scaler
-    overflow step does not poison the next m iterations), Ψ̄ = mean over ``buffer_gz`` in SMAS
+    overflow step does not poison the next m iterations, and only if the forward ``advanced`` the
+    state), Ψ̄ = mean over ``buffer_gz`` in SMAS
     mode else Ψ, and ∂L/∂x = (g − z·Ψ̄)/√(var+eps); ∂L/∂γ = Σ G·r·z, ∂L/∂β = Σ G.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, var, r, eps, buffer_gz, slot, use_smas):
+    def forward(ctx, x, weight, bias, var, r, eps, buffer_gz, slot, use_smas, advanced):
         inv_std = torch.rsqrt(var + eps)
         scale = inv_std * r if weight is None else inv_std * r * weight.to(var.dtype)
         shift = torch.zeros_like(var) if bias is None else bias
         ctx.save_for_backward(x, weight, inv_std, r)
         # Not saved tensors: backward writes the current slot and reads the others as they are then.
-        ctx.buffer_gz, ctx.slot, ctx.use_smas = buffer_gz, slot, use_smas
+        ctx.buffer_gz, ctx.slot, ctx.use_smas, ctx.advanced = buffer_gz, slot, use_smas, advanced
         return _channel_affine(x, scale, shift)
 
     @staticmethod
@@ -56,7 +58,7 @@ class _MovingAverageNormFunction(torch.autograd.Function):
         g = grad_out * per_channel(gain)
         psi = (g * z).mean(dim=REDUCE_DIMS)
         previous = buffer_gz.index_select(0, ctx.slot)[0]
-        stored = torch.where(psi.isfinite(), psi.to(buffer_gz.dtype), previous)
+        stored = torch.where(psi.isfinite() & ctx.advanced, psi.to(buffer_gz.dtype), previous)
         buffer_gz.index_copy_(0, ctx.slot, stored[None])
         psi_bar = torch.where(ctx.use_smas, buffer_gz.mean(dim=0).to(psi.dtype), psi)
         grad_x = ((g - z * per_channel(psi_bar)) * per_channel(inv_std)).to(x.dtype)
@@ -65,7 +67,7 @@ class _MovingAverageNormFunction(torch.autograd.Function):
             grad_weight = ((grad_out * z).sum(dim=REDUCE_DIMS) * r).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=REDUCE_DIMS).to(weight.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 class MovingAverageBatchNorm2d(nn.Module):
@@ -90,11 +92,18 @@ class MovingAverageBatchNorm2d(nn.Module):
 
     State (registered buffers, so checkpoints restore it): ``running_var`` (C,), the EMA of the
     second moment E[x²] (init 1); ``iters`` int64 scalar; ``buffer_x2`` and ``buffer_gz`` (m, C).
-    Statistics and buffers are float32 for half/bfloat16 inputs; the output has the input dtype.
+    Statistics and buffers are float32 for half/bfloat16 inputs and stay float32 under
+    ``.half()``/``.to(torch.bfloat16)``; the output has the input dtype.
+
+    Non-finite values: a training step whose χ has a NaN/inf leaves every buffer as it was
+    (``iters`` included, so the step does not count) and its backward stores no Ψ; the skip is
+    counted in ``nonfinite_skips`` (per process, not saved). The next finite batch trains normally.
 
     Checkpoints: a BatchNorm/FrozenBN state dict (``running_mean``, ``running_var``, optionally
     ``num_batches_tracked``; no ``iters``) loads with running_var := running_var + running_mean²
-    (the second moment MABN divides by), iters := 0 and empty ring buffers, and logs a note.
+    (the second moment MABN divides by), iters := 0 and empty ring buffers, and logs a note. A
+    checkpoint whose ring buffers have another size m (or lack them) loads its ``running_var`` with
+    iters := 0 and empty ring buffers (warm-up restarts), and logs a note.
     The official implementation's (1, C, 1, 1) ``running_var`` and (1,) ``iters`` are reshaped.
 
     Args:
@@ -136,6 +145,7 @@ class MovingAverageBatchNorm2d(nn.Module):
         self.register_buffer("iters", torch.zeros((), dtype=torch.long))
         self.register_buffer("buffer_x2", torch.zeros(buffer_size, num_features))
         self.register_buffer("buffer_gz", torch.zeros(buffer_size, num_features))
+        self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, x):
         if x.dim() != 4:
@@ -145,9 +155,10 @@ class MovingAverageBatchNorm2d(nn.Module):
             return _channel_affine(x, scale, shift)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return self._normalize_statelessly(x)
-        var, r, slot, use_smas = self._advance_statistics(x)
+        refuse_recomputation(self)
+        var, r, slot, use_smas, advanced = self._advance_statistics(x)
         return _MovingAverageNormFunction.apply(
-            x, self.weight, self.bias, var, r, self.eps, self.buffer_gz, slot, use_smas
+            x, self.weight, self.bias, var, r, self.eps, self.buffer_gz, slot, use_smas, advanced
         )
 
     def per_channel_affine(self):
@@ -168,24 +179,38 @@ class MovingAverageBatchNorm2d(nn.Module):
             return _channel_affine(x, scale, torch.zeros_like(scale))
         return _channel_affine(x, self.weight * scale, self.bias)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _advance_statistics(self, x):
         """Step t: write χ_t, choose var (batch or SMAS), compute r, update the EMA (B.2 steps 1-8).
 
-        All schedule decisions stay on the device (no host synchronisation).
+        All schedule decisions stay on the device (no host synchronisation). A non-finite χ
+        advances nothing: ``iters`` stays, so its slot is rewritten with its own value.
+
+        Never compiled: ``torch.compile`` sees var and r as inputs of the normalisation. Traced
+        together, its partitioner may recompute them in the backward from the buffers this step
+        has already updated in place (wrong gradients once r != 1).
         """
         chi = x.to(statistics_dtype(x)).square().mean(dim=REDUCE_DIMS)
-        self.iters += 1
+        advanced = chi.isfinite().all()
+        self.iters += advanced
+        self.nonfinite_skips += ~advanced
         slot = (self.iters % self.buffer_size).view(1)
-        self.buffer_x2.index_copy_(0, slot, chi.to(self.buffer_x2.dtype)[None])
+        kept = self.buffer_x2.index_select(0, slot)
+        self.buffer_x2.index_copy_(0, slot, torch.where(advanced, chi.to(self.buffer_x2.dtype)[None], kept))
         use_smas = (self.iters > self.buffer_size) & (self.iters >= self.warmup_iters)
         var = torch.where(use_smas, self.buffer_x2.mean(dim=0).to(chi.dtype), chi)
         running_var = self.running_var.to(chi.dtype)
         ratio = torch.sqrt(var + self.eps) / torch.sqrt(running_var + self.eps)
         renormalize = self.iters > max(self.renorm_free_iters, self.warmup_iters)
         r = torch.where(renormalize, ratio.clamp(1.0 / self.rmax, self.rmax), torch.ones_like(ratio))
-        self.running_var.copy_(self.ema_decay * running_var + (1.0 - self.ema_decay) * var)
-        return var, r, slot, use_smas
+        updated = self.ema_decay * running_var + (1.0 - self.ema_decay) * var
+        self.running_var.copy_(torch.where(advanced, updated, running_var))
+        return var, r, slot, use_smas, advanced
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        return keep_float32_buffers(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -194,6 +219,7 @@ class MovingAverageBatchNorm2d(nn.Module):
             state_dict[var_key] = state_dict[var_key].reshape(-1)
         if iters_key in state_dict:
             state_dict[iters_key] = state_dict[iters_key].reshape(())
+            self._reset_ring_buffers_of_another_size(state_dict, prefix)
         elif mean_key in state_dict and var_key in state_dict:
             running_mean = state_dict.pop(mean_key)
             state_dict.pop(prefix + "num_batches_tracked", None)
@@ -208,6 +234,23 @@ class MovingAverageBatchNorm2d(nn.Module):
             )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _reset_ring_buffers_of_another_size(self, state_dict, prefix):
+        """Ring buffers of another m (or dropped by a loader for their shape) cannot be continued:
+        keep the saved ``running_var``, restart ``iters`` with empty ring buffers."""
+        ring = [prefix + "buffer_x2", prefix + "buffer_gz"]
+        shapes = [None if key not in state_dict else tuple(state_dict[key].shape) for key in ring]
+        if shapes == [tuple(self.buffer_x2.shape)] * 2:
+            return
+        state_dict[prefix + "iters"] = torch.zeros_like(self.iters)
+        state_dict[ring[0]] = torch.zeros_like(self.buffer_x2)
+        state_dict[ring[1]] = torch.zeros_like(self.buffer_gz)
+        saved = "missing" if None in shapes else f"of size {shapes[0][0]}"
+        logger.info(
+            "%s: checkpoint ring buffers are %s, this layer has buffer_size %d: loaded running_var, "
+            "restarted iters = 0 with empty ring buffers.",
+            prefix.rstrip(".") or "MovingAverageBatchNorm2d", saved, self.buffer_size,
         )
 
     def extra_repr(self):

@@ -1,4 +1,5 @@
-"""Per-channel pieces shared by the d2norm layers: statistics dtype and shapes, the affine γ/β."""
+"""Per-channel pieces shared by the d2norm layers: statistics dtype and shapes, the affine γ/β,
+float32 statistics buffers and the non-finite-update guard."""
 import torch
 import torch.nn as nn
 
@@ -8,6 +9,24 @@ REDUCE_DIMS = (0, 2, 3)  # statistics are per channel over N, H, W
 def statistics_dtype(x):
     """float32 for half/bfloat16/float32 inputs, float64 for float64 (statistics never in half)."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def keep_float32_buffers(module):
+    """Return the float16/bfloat16 buffers of ``module`` (not its children's) to float32; returns ``module``.
+
+    Called after ``module._apply`` so that ``.half()``/``.to(torch.bfloat16)`` casts the parameters
+    but not the statistics, which would overflow or lose their small updates in half precision
+    (as torch's BatchNorm keeps float32 statistics under autocast).
+    """
+    for name, buf in module._buffers.items():
+        if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+            module._buffers[name] = buf.float()
+    return module
+
+
+def all_finite(*tensors):
+    """A 0-dim bool tensor: every element of ``tensors`` is finite (decided on the device, no sync)."""
+    return torch.stack([t.isfinite().all() for t in tensors]).all()
 
 
 def per_channel(v):

@@ -5,12 +5,13 @@ while the weights change is a stale, noisy estimate of the population statistics
 therefore normalises with the batch statistics in training (Eq. 1 of Ioffe & Szegedy) and never
 updates ``running_mean``/``running_var`` itself; :func:`d2norm.recalibrate` computes them with the
 model fixed, and the ``recalibrated`` buffer records that it did (so checkpoints keep it).
+The statistics stay float32 under ``.half()``/``.to(torch.bfloat16)``.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .per_channel import batch_norm_affine
+from .per_channel import batch_norm_affine, keep_float32_buffers
 
 __all__ = ["NotRecalibratedError", "PreciseBatchNorm2d"]
 
@@ -39,8 +40,14 @@ class PreciseBatchNorm2d(nn.BatchNorm2d):
         return self._normalize(x, self.running_mean, self.running_var)
 
     def _normalize(self, x, mean, var):
-        # Half/bfloat16 inputs: torch's kernels accumulate the batch statistics in float32.
-        return F.batch_norm(x, mean, var, self.weight, self.bias, mean is None, 0.0, self.eps)
+        # Half/bfloat16 inputs: torch's kernels accumulate the batch statistics in float32 and
+        # take the affine in the dtype of the (float32) statistics buffers.
+        weight, bias = (None if p is None else p.to(self.running_var.dtype) for p in (self.weight, self.bias))
+        return F.batch_norm(x, mean, var, weight, bias, mean is None, 0.0, self.eps)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        return keep_float32_buffers(self)
 
     def _check_recalibrated(self):
         if not bool(self.recalibrated):
