@@ -15,22 +15,14 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import d2norm  # noqa: F401  (registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers)
+import d2norm  # registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers
 from d2norm import add_d2norm_config, validate_d2norm_config
 from d2norm.config import scale_norm_iterations
 from d2norm.distributed import cpu_ddp_compatible, launch
+from d2norm.evaluation import fast_coco_eval_available
 from d2norm.hooks import build_norm_hooks
 from d2norm.modeling import build_model
 from d2norm.solver import build_optimizer
-
-
-def fast_coco_eval_available():
-    """Whether detectron2's compiled COCO evaluator exists (not in the pure-Python v0.6 install)."""
-    try:
-        from detectron2 import _C
-    except ImportError:
-        return False
-    return not getattr(_C, "IS_D2NORM_STUB", False)
 
 
 class Trainer(DefaultTrainer):
@@ -90,6 +82,11 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if cfg.D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY:
+            loader_cfg = cfg.clone()
+            loader_cfg.defrost()
+            loader_cfg.DATALOADER.NUM_WORKERS = 0
+            d2norm.recalibrate(model, Trainer.build_train_loader(loader_cfg), cfg.D2NORM.PRECISE_BN.NUM_ITER)
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
         return res
