@@ -273,17 +273,18 @@ def test_vitdet_residual_bottleneck_block_is_paired_and_trains(norm):
 
 def _simple_feature_pyramid(norm, scale_factors):
     vit = _vit()
+    pytest.importorskip("timm", reason="detectron2's ViT blocks import timm")
     from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-    backbone = vit.ViT(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, window_size=0,
-                       use_rel_pos=False, out_feature="last_feat")
+    backbone = vit.ViT(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, window_size=0,
+                       use_rel_pos=False, pretrain_img_size=32, out_feature="last_feat")
     return vit.SimpleFeaturePyramid(backbone, in_feature="last_feat", out_channels=8,
                                     scale_factors=scale_factors, top_block=LastLevelMaxPool(), norm=norm,
                                     square_pad=32)
 
 
 def test_simple_feature_pyramid_cbn_after_a_transposed_conv_is_an_error():
-    model = _simple_feature_pyramid("CBN", (4.0, 2.0, 1.0))
+    model = _simple_feature_pyramid("CBN", (4.0, 2.0, 1.0, 0.5))
     with pytest.raises(RuntimeError, match=r"'simfp_2\.1': it is fed by the transposed conv 'simfp_2\.0'"):
         d2norm.prepare_model(model, example_inputs=(torch.randn(1, 3, 32, 32),))
 

@@ -19,8 +19,9 @@ from d2norm.config import D2NormConfigError
 from d2norm.conv_inputs import find_norm_inputs
 from d2norm.data import register_shapes_split
 from d2norm.hooks import build_norm_hooks
-from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from d2norm.layers.per_level import PerLevelNorm
+from d2norm.layers.precise_bn import NotRecalibratedError
 from d2norm.modeling import build_model
 from d2norm.solver import build_optimizer
 from tool_scripts import load_tool
@@ -224,3 +225,15 @@ def test_lazyconfig_train_net_trains_resumes_and_evaluates_coco_ap(tiny_splits, 
     assert state["iteration"] == 2  # resumed at iteration 2 (of 3), saved its last iteration's state
     precise = [k for k in state["model"] if k.endswith("recalibrated")]
     assert precise and all(bool(state["model"][k]) for k in precise)
+
+    # --eval-only of a checkpoint whose PreciseBN layers lost their statistics: evaluating needs a
+    # recalibration first, which D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY runs.
+    for k in precise:
+        state["model"][k] = torch.zeros((), dtype=torch.bool)
+    torch.save(state, tmp_path / "uncalibrated.pth")
+    eval_argv = [*argv[:2], "--eval-only", *opts, f"train.init_checkpoint={tmp_path / 'uncalibrated.pth'}"]
+    with pytest.raises(NotRecalibratedError):
+        lazyconfig_train_net.main(lazyconfig_train_net.default_argument_parser().parse_args(eval_argv))
+    evaluated = lazyconfig_train_net.main(lazyconfig_train_net.default_argument_parser().parse_args(
+        [*eval_argv, "d2norm.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY=True"]))
+    assert "bbox" in evaluated
