@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from .layers import D2NORM_LAYER_TYPES, PreciseBatchNorm2d
 
-__all__ = ["NormInput", "default_example_inputs", "find_norm_inputs", "run_example"]
+__all__ = ["NormInput", "default_example_inputs", "find_norm_inputs"]
 
 # Operation names (``func.__name__``) of the convolutions d2norm recognises.
 CONV2D = "conv2d"
@@ -163,7 +163,7 @@ def default_example_inputs(model):
     return ([{"image": image, "height": size, "width": size}],)
 
 
-def run_example(model, args, kwargs=None):
+def _run_example(model, args, kwargs=None):
     """``model(*args, **kwargs)`` in eval mode without gradients, then every module's mode restored.
     PreciseBN layers may run before their first recalibration (only the data flow matters here)."""
     modes = [(m, m.training) for m in model.modules()]
@@ -229,7 +229,7 @@ def find_norm_inputs(model, example_inputs=None, example_kwargs=None, norm_types
         handles.append(m.register_forward_hook(leave, always_call=True))
     try:
         with recorder:
-            run_example(model, example_inputs, example_kwargs)
+            _run_example(model, example_inputs, example_kwargs)
     finally:
         for h in handles:
             h.remove()
