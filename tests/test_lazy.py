@@ -155,6 +155,19 @@ def test_retinanet_head_norms_get_per_level_statistics_and_head_warmup():
             assert m.warmup_iters == (10_000 if id(m) in head_layers else 100)
 
 
+def test_fcos_head_norms_get_per_level_statistics():
+    """FCOS's head subclasses RetinaNet's: its d2norm layers also get one set of statistics per level."""
+    from detectron2.model_zoo import get_config
+
+    cfg = OmegaConf.create({"model": get_config("common/models/fcos.py").model, "train": {"device": "cpu"}})
+    cfg.model.head.norm = "CBN"
+    cfg.model.backbone.bottom_up.freeze_at = 2
+    model = lazy.build_model(cfg)
+    per_level = [m for m in model.head.modules() if isinstance(m, PerLevelNorm)]
+    assert len(per_level) == 8 and all(m.num_levels == 5 for m in per_level)
+    assert all(layer._bound_conv() is not None for p in per_level for layer in p.per_level_layers())
+
+
 def test_a_bad_d2norm_value_names_the_lazyconfig_key():
     with pytest.raises(D2NormConfigError, match=r"cfg\.d2norm\.CBN\.WINDOW = 0 is invalid"):
         lazy.d2norm_node(lazy_demo("d2norm.CBN.WINDOW=0"))
