@@ -143,6 +143,59 @@ def test_yaml_and_lazyconfig_demo_get_the_same_norm_hooks(tiny_splits):
         ("RecalibrateNorms", [100], None, 50), ("FreezeNormLastIters", None, 10, 50)]
 
 
+TWINS = [  # LazyConfig twins of YAML configs: the same experiment
+    DEMO,
+    "CBN/mask_rcnn_R_50_FPN_1x_cbn",
+    "MABN/mask_rcnn_R_50_FPN_2x_scratch_mabn",
+    "MABN/retinanet_R_50_FPN_2x_scratch_mabn",
+    "RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_ema",
+    "RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_precise",
+    "RethinkingBN/retinanet_R_50_FPN_3x_SyncBNhead",
+]
+
+
+def _lr_multipliers(schedule, max_iter, iters):
+    return [pytest.approx(schedule(i / max_iter)) for i in iters]
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_lazyconfig_twin_is_the_yaml_experiment(name):
+    """Model, D2NORM, optimizer groups, LR schedule, data and schedule length agree."""
+    from detectron2.config import instantiate
+    from detectron2.solver import build_lr_scheduler
+
+    cfg = get_cfg()
+    d2norm.add_d2norm_config(cfg)
+    cfg.merge_from_file(str(CONFIGS / f"{name}.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    lazy_cfg = LazyConfig.load(str(CONFIGS / f"{name}.py"))
+    lazy_cfg.train.device = "cpu"
+    torch.manual_seed(0)
+    yaml_model = build_model(cfg)
+    torch.manual_seed(0)
+    lazy_model = lazy.build_model(lazy_cfg)
+    assert module_settings(lazy_model) == module_settings(yaml_model)
+    assert lazy.d2norm_node(lazy_cfg).D2NORM == cfg.D2NORM
+
+    yaml_optimizer, lazy_optimizer = build_optimizer(cfg, yaml_model), lazy.build_optimizer(lazy_cfg, lazy_model)
+    assert _groups_by_name(lazy_model, lazy_optimizer) == _groups_by_name(yaml_model, yaml_optimizer)
+    assert type(lazy_optimizer).__name__ == type(yaml_optimizer).__name__  # whole-model clipping or not
+
+    solver, train = cfg.SOLVER, lazy_cfg.train
+    assert (train.max_iter, train.reference_world_size, train.init_checkpoint) == (
+        solver.MAX_ITER, solver.REFERENCE_WORLD_SIZE, cfg.MODEL.WEIGHTS)
+    iters = sorted({0, solver.WARMUP_ITERS // 2, solver.WARMUP_ITERS, *solver.STEPS,
+                    *(s - 1 for s in solver.STEPS), solver.MAX_ITER - 1})
+    yaml_schedule = build_lr_scheduler(cfg, yaml_optimizer)._multiplier
+    assert _lr_multipliers(instantiate(lazy_cfg.lr_multiplier), solver.MAX_ITER, iters) == \
+        [yaml_schedule(i / solver.MAX_ITER) for i in iters]
+    loader = lazy_cfg.dataloader.train
+    resize = loader.mapper.augmentations[0]
+    assert loader.total_batch_size == solver.IMS_PER_BATCH
+    assert (tuple(resize.short_edge_length), resize.max_size) == (tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN)
+    assert loader.dataset.names in (cfg.DATASETS.TRAIN[0], list(cfg.DATASETS.TRAIN))
+
+
 def test_retinanet_head_norms_get_per_level_statistics_and_head_warmup():
     cfg = LazyConfig.load(str(CONFIGS / "MABN/retinanet_R_50_FPN_2x_scratch_mabn.py"))
     cfg.train.device = "cpu"
