@@ -198,7 +198,8 @@ def find_norm_inputs(model, example_inputs=None, example_kwargs=None, norm_types
     Raises:
         ValueError: no ``example_inputs`` and the model is not a detectron2 meta-architecture.
     """
-    if example_inputs is None:
+    default = example_inputs is None
+    if default:
         example_inputs = default_example_inputs(model)
         if example_inputs is None:
             raise ValueError(
@@ -230,6 +231,13 @@ def find_norm_inputs(model, example_inputs=None, example_kwargs=None, norm_types
     try:
         with recorder:
             _run_example(model, example_inputs, example_kwargs)
+    except Exception as e:
+        if not default:
+            raise
+        raise RuntimeError(
+            f"d2norm observes one forward of {type(model).__name__} on a black image to find the conv "
+            f"feeding each norm, and it failed ({type(e).__name__}: {e}); pass example_inputs instead"
+        ) from e
     finally:
         for h in handles:
             h.remove()

@@ -302,3 +302,22 @@ def test_simple_feature_pyramid_convs_are_paired_and_train(norm, scale_factors):
     model.train()
     out = model(x)
     sum((o**2).mean() for o in out.values()).backward()
+
+
+class TensorOnlyDetector(nn.Module):
+    """Looks like a detectron2 meta-architecture (backbone, pixel_mean) but takes a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 1), CrossIterationBatchNorm2d(4))
+        self.register_buffer("pixel_mean", torch.zeros(3, 1, 1))
+
+    def forward(self, images):
+        return self.backbone(images - self.pixel_mean)
+
+
+def test_a_failing_black_image_forward_asks_for_example_inputs():
+    with pytest.raises(RuntimeError, match="on a black image .* pass example_inputs instead"):
+        d2norm.prepare_model(TensorOnlyDetector())
+    model = d2norm.prepare_model(TensorOnlyDetector(), example_inputs=torch.zeros(2, 3, 4, 4))
+    assert model.backbone[1]._bound_conv() is model.backbone[0]
