@@ -1,94 +1,102 @@
 """``prepare_model``: connect each d2norm layer to the conv that feeds it.
 
 Detectron2 builds a norm from a channel count alone and calls it with one argument, so a norm never
-sees its conv (detectron2.md §2.1). After the model is built, this pass finds every
-``conv -> norm`` pair — ``detectron2.layers.Conv2d(..., norm=...)`` (backbone, FPN, box/mask heads)
-and consecutive ``conv, norm`` entries of an ``nn.Sequential`` (RetinaNet head, where the norm may
-be a :class:`~d2norm.layers.per_level.PerLevelNorm`) — and
+sees its conv. After the model is built, this pass finds the conv whose output each CBN/MABN layer
+normalises by observing a forward (:mod:`d2norm.conv_inputs`: tensor identity, whatever the module
+layout) and
 
 * binds each CBN to its conv (Taylor compensation needs the conv's weight and input, CBN Eq. 6-7);
-* makes each conv feeding an MABN weight-centralised (MABN §4.3), unless disabled;
+  a CBN fed by anything else (an activation, a sum, a transposed conv) is an error naming the
+  layer and what feeds it, never a silent wrong pairing;
+* makes each conv (or transposed conv) feeding an MABN weight-centralised (MABN §4.3), unless
+  disabled, and warns about the MABN layers no conv feeds;
 * marks MABN layers whose parameters are frozen (``FREEZE_AT``) as ``frozen`` (population stats).
 
 No module is registered under another (no cycles), and parameter names do not change.
 """
 import logging
 
-import torch.nn as nn
-
+from .conv_inputs import CONV_TRANSPOSE2D, find_norm_inputs
 from .layers.cbn import CrossIterationBatchNorm2d
 from .layers.mabn import MovingAverageBatchNorm2d
-from .layers.per_level import PerLevelNorm
 from .layers.weight_centralization import centralize_conv_weight
 
-__all__ = ["prepare_model", "conv_norm_pairs", "conv_norm_slots"]
+__all__ = ["prepare_model", "conv_norm_pairs"]
 
 logger = logging.getLogger(__name__)
 
 _BOUND_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)
 
 
-def _norm_layers(module, norm_types):
-    """The layers of ``norm_types`` that ``module`` applies to one conv output (itself or per-level children)."""
-    if isinstance(module, norm_types):
-        return [module]
-    if isinstance(module, PerLevelNorm):
-        return [m for m in module.per_level_layers() if isinstance(m, norm_types)]
-    return []
+def conv_norm_pairs(model, example_inputs=None, norm_types=_BOUND_TYPES):
+    """``(conv, norm)`` for every layer of ``norm_types`` fed directly by a conv or transposed conv
+    in one observed forward (see :func:`d2norm.conv_inputs.find_norm_inputs`)."""
+    return [(i.conv, i.norm) for i in find_norm_inputs(model, example_inputs, norm_types=norm_types)
+            if i.conv is not None]
 
 
-def conv_norm_slots(model):
-    """Yield ``(conv, parent, key)`` for every module stored right after a conv: a detectron2
-    ``Conv2d``'s ``norm`` (``parent`` is the conv, ``key`` is "norm") or the element after a conv in
-    an ``nn.Sequential``; that module is ``parent._modules[key]``."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d) and isinstance(getattr(module, "norm", None), nn.Module):
-            yield module, module, "norm"
-        elif isinstance(module, nn.Sequential):
-            keys = list(module._modules)
-            for prev_key, key in zip(keys, keys[1:]):
-                if isinstance(module._modules[prev_key], nn.Conv2d):
-                    yield module._modules[prev_key], module, key
-
-
-def conv_norm_pairs(model, norm_types=_BOUND_TYPES):
-    """Yield ``(conv, norm_layer)`` for every layer of ``norm_types`` fed directly by a conv."""
-    for conv, parent, key in conv_norm_slots(model):
-        for norm in _norm_layers(parent._modules[key], norm_types):
-            yield conv, norm
-
-
-def prepare_model(model, centralize_weights=True):
+def prepare_model(model, centralize_weights=True, example_inputs=None):
     """Bind CBN layers to their convs and weight-centralise convs feeding MABN. Idempotent.
+
+    The pairing is observed on one forward without gradients in eval mode
+    (:func:`~d2norm.conv_inputs.find_norm_inputs`): on ``example_inputs``, or for a detectron2
+    meta-architecture on a black image when none are given.
 
     Args:
         model (nn.Module): a built (not yet DDP-wrapped) model.
         centralize_weights (bool): ``D2NORM.MABN.CENTRALIZE_WEIGHTS``.
+        example_inputs (tuple or None): positional arguments of one forward of ``model``
+            (required unless it is a detectron2 meta-architecture).
 
     Returns:
         the same model.
 
     Raises:
-        RuntimeError: a CBN layer that no conv feeds (the message names its module path).
+        RuntimeError: CBN layers not fed directly by a ``Conv2d``; the message names each one's
+            module path and what feeds it.
+        ValueError: no ``example_inputs`` for a model that is not a detectron2 meta-architecture.
     """
-    paired = set()
-    for conv, norm in conv_norm_pairs(model):
-        paired.add(id(norm))
-        if isinstance(norm, CrossIterationBatchNorm2d):
-            norm.bind_conv(conv)
-        else:
-            if centralize_weights:
-                centralize_conv_weight(conv)
-            params = list(norm.parameters())
-            norm.frozen = bool(params) and not any(p.requires_grad for p in params)
-    for name, module in model.named_modules():
-        if id(module) in paired:
-            continue
-        if isinstance(module, CrossIterationBatchNorm2d):
-            raise RuntimeError(
-                f"CBN layer '{name}' is not fed directly by a conv (detectron2 Conv2d(norm=...) or "
-                "an nn.Sequential conv -> norm), so its Taylor compensation has no weight to use."
-            )
-        if isinstance(module, MovingAverageBatchNorm2d) and centralize_weights:
-            logger.warning(f"MABN layer '{name}' has no conv directly before it; nothing to centralise.")
+    for module in model.modules():
+        if isinstance(module, MovingAverageBatchNorm2d):
+            params = list(module.parameters())
+            module.frozen = bool(params) and not any(p.requires_grad for p in params)
+    if any(isinstance(m, _BOUND_TYPES) for m in model.modules()):
+        _bind(find_norm_inputs(model, example_inputs, norm_types=_BOUND_TYPES), centralize_weights)
     return model
+
+
+def _bind(norm_inputs, centralize_weights):
+    errors, uncentralized = [], []
+    for item in norm_inputs:
+        if isinstance(item.norm, CrossIterationBatchNorm2d):
+            reason = _cbn_problem(item)
+            if reason:
+                errors.append(f"'{item.name}': {reason}")
+        elif item.conv is not None:
+            if centralize_weights:
+                centralize_conv_weight(item.conv)
+        else:
+            uncentralized.append(f"'{item.name}' ({item.reason})")
+    if uncentralized and centralize_weights:
+        logger.warning(f"No conv feeds these MABN layers directly, so nothing is weight-centralised "
+                       f"for them: {'; '.join(uncentralized)}")
+    if errors:
+        raise RuntimeError(
+            "CBN needs the Conv2d whose output it normalises (its Taylor compensation uses that "
+            "conv's weight and input, CBN Eq. 6-7), but these CBN layers are not fed directly by "
+            "one: " + "; ".join(errors) + ". Use another norm there, or put the CBN right after the conv."
+        )
+
+
+def _cbn_problem(item):
+    """Why ``item``'s CBN cannot bind, or "" after binding it."""
+    if item.kind == CONV_TRANSPOSE2D:
+        return (f"it is fed by the transposed conv '{item.conv_name}', which CBN's compensation "
+                "(derived for Conv2d) does not cover")
+    if not item.fed_by_conv2d:
+        return item.reason
+    try:
+        item.norm.bind_conv(item.conv)
+    except (TypeError, ValueError) as e:
+        return f"its conv '{item.conv_name}' cannot be used: {e}"
+    return ""

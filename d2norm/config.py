@@ -40,6 +40,9 @@ def add_d2norm_config(cfg):
     cfg.D2NORM.PRECISE_BN.NUM_ITER = 200
     # Also recalibrate every PERIOD iterations; 0: only before evaluation and at the end.
     cfg.D2NORM.PRECISE_BN.PERIOD = 0
+    # Also recalibrate before an --eval-only evaluation (e.g. per-level statistics for a model
+    # trained with shared ones, "Rethinking 'Batch'" Table 5).
+    cfg.D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY = False
     # Switch norm layers to population statistics (after a recalibration) for the last N iters.
     cfg.D2NORM.FREEZE_NORM_LAST_ITERS = 0
 
@@ -73,7 +76,7 @@ def validate_d2norm_config(cfg):
            "D2NORM.MABN.EMA_DECAY", d.MABN.EMA_DECAY, "a number in [0, 1)")
     _check(is_int(d.PRECISE_BN.NUM_ITER) and d.PRECISE_BN.NUM_ITER >= 1,
            "D2NORM.PRECISE_BN.NUM_ITER", d.PRECISE_BN.NUM_ITER, "an integer >= 1")
-    for key in ("MABN.CENTRALIZE_WEIGHTS", "PRECISE_BN.ENABLED"):
+    for key in ("MABN.CENTRALIZE_WEIGHTS", "PRECISE_BN.ENABLED", "PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY"):
         family, name = key.split(".")
         value = d[family][name]
         _check(isinstance(value, bool), f"D2NORM.{key}", value, "true or false")

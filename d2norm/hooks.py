@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .layers import PreciseBatchNorm2d
 from .recalibrate import population_norm_layers, recalibrate
 
-__all__ = ["FreezeNormLastIters", "NormRecalibrator", "RecalibrateNorms", "build_norm_hooks", "build_recalibrator"]
+__all__ = ["FreezeNormLastIters", "NormRecalibrator", "RecalibrateNorms", "build_norm_hooks", "norm_hooks",
+           "recalibration_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +96,13 @@ class FreezeNormLastIters(HookBase):
             layer.eval()
 
 
-def build_recalibrator(cfg, model, build_train_loader):
-    """A :class:`NormRecalibrator` over ``cfg.D2NORM.PRECISE_BN.NUM_ITER`` training batches.
-
-    ``build_train_loader`` (``cfg -> data loader``, e.g. ``Trainer.build_train_loader``) is called
-    once, with ``DATALOADER.NUM_WORKERS = 0`` as detectron2 does for PreciseBN.
-    """
+def recalibration_loader(cfg, build_train_loader):
+    """``build_train_loader(cfg)`` with ``DATALOADER.NUM_WORKERS = 0``, as detectron2 builds the
+    loader of its PreciseBN hook; ``build_train_loader`` is e.g. ``Trainer.build_train_loader``."""
     loader_cfg = cfg.clone()
     loader_cfg.defrost()
     loader_cfg.DATALOADER.NUM_WORKERS = 0
-    return NormRecalibrator(model, build_train_loader(loader_cfg), cfg.D2NORM.PRECISE_BN.NUM_ITER)
+    return build_train_loader(loader_cfg)
 
 
 def build_norm_hooks(cfg, model, build_train_loader):
@@ -114,19 +112,32 @@ def build_norm_hooks(cfg, model, build_train_loader):
         cfg: the full config (``D2NORM.PRECISE_BN.*``, ``D2NORM.FREEZE_NORM_LAST_ITERS``,
             ``TEST.EVAL_PERIOD``).
         model: the (possibly DDP-wrapped) model being trained.
-        build_train_loader (callable): ``cfg -> data loader``, see :func:`build_recalibrator`.
+        build_train_loader (callable): ``cfg -> data loader``, see :func:`recalibration_loader`.
     """
-    precise, freeze_iters = cfg.D2NORM.PRECISE_BN, cfg.D2NORM.FREEZE_NORM_LAST_ITERS
+    return norm_hooks(cfg.D2NORM, cfg.TEST.EVAL_PERIOD, model,
+                      lambda: recalibration_loader(cfg, build_train_loader))
+
+
+def norm_hooks(d2norm_cfg, eval_period, model, make_loader):
+    """The d2norm hooks for the ``D2NORM`` node ``d2norm_cfg`` (YAML and LazyConfig trainers).
+
+    Args:
+        d2norm_cfg: ``PRECISE_BN.*`` and ``FREEZE_NORM_LAST_ITERS``.
+        eval_period (int): the evaluation period (recalibration runs before each evaluation).
+        model: the (possibly DDP-wrapped) model being trained.
+        make_loader (callable): ``() -> training data loader`` for recalibration, called once.
+    """
+    precise, freeze_iters = d2norm_cfg.PRECISE_BN, d2norm_cfg.FREEZE_NORM_LAST_ITERS
     layers = population_norm_layers(_unwrap(model))
     if not precise.ENABLED and any(isinstance(layer, PreciseBatchNorm2d) for _, layer in layers):
         logger.warning("D2NORM.PRECISE_BN.ENABLED is False but the model has PreciseBN layers: "
                        "they cannot be evaluated until d2norm.recalibrate is run.")
     if not layers or not (precise.ENABLED or freeze_iters > 0):
         return []
-    recalibrator = build_recalibrator(cfg, model, build_train_loader)
+    recalibrator = NormRecalibrator(model, make_loader(), precise.NUM_ITER)
     hooks = []
     if precise.ENABLED:
-        hooks.append(RecalibrateNorms(recalibrator, cfg.TEST.EVAL_PERIOD, precise.PERIOD))
+        hooks.append(RecalibrateNorms(recalibrator, eval_period, precise.PERIOD))
     if freeze_iters > 0:
         hooks.append(FreezeNormLastIters(freeze_iters, model, recalibrator))
     return hooks

@@ -11,7 +11,7 @@ from .layers import MovingAverageBatchNorm2d
 from .layers.per_level import make_retinanet_head_per_level
 from .registry import norm_settings
 
-__all__ = ["build_model", "norm_layer_summary"]
+__all__ = ["build_model", "finish_model", "norm_layer_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,27 +20,40 @@ _HEAD_NAMES = ("roi_heads", "head")
 
 
 def build_model(cfg):
-    """Build the model of ``cfg`` with ``cfg.D2NORM`` layer settings, then
-
-    * give each d2norm layer of a RetinaNet head one set of statistics per FPN level
-      (detectron2 only does so for "BN"/"SyncBN"; Rethinking-BN §5.2);
-    * apply ``D2NORM.MABN.HEAD_WARMUP_ITERS`` to MABN layers in the heads (MABN §5: batch
-      statistics in the heads for the first 10k iterations);
-    * :func:`~d2norm.binding.prepare_model` (CBN conv binding, MABN weight centralisation).
-    """
+    """Build the model of ``cfg`` with ``cfg.D2NORM`` layer settings, then :func:`finish_model`."""
     with norm_settings(**norm_settings_from_config(cfg)):
         model = d2_build_model(cfg)
+    return finish_model(model, cfg.D2NORM)
+
+
+def finish_model(model, d2norm_cfg, example_inputs=None):
+    """What d2norm does to a built model (YAML and LazyConfig alike), in place:
+
+    * give each d2norm layer of a RetinaNet head (and of its subclass, FCOS's head) one set of
+      statistics per FPN level (detectron2 only does so for "BN"/"SyncBN"; Rethinking-BN §5.2);
+    * apply ``MABN.HEAD_WARMUP_ITERS`` to MABN layers in the heads (MABN §5: batch statistics in
+      the heads for the first 10k iterations);
+    * :func:`~d2norm.binding.prepare_model` (CBN conv binding, MABN weight centralisation).
+
+    Args:
+        model (nn.Module): the built model, on its device.
+        d2norm_cfg: the ``D2NORM`` node (a detectron2 ``CfgNode``).
+        example_inputs (tuple or None): for :func:`~d2norm.binding.prepare_model`.
+
+    Returns:
+        ``model``.
+    """
     for module in model.modules():
         if isinstance(module, RetinaNetHead):
             make_retinanet_head_per_level(module, module._num_features)
-    head_warmup = cfg.D2NORM.MABN.HEAD_WARMUP_ITERS
+    head_warmup = d2norm_cfg.MABN.HEAD_WARMUP_ITERS
     if head_warmup >= 0:
         for name in _HEAD_NAMES:
             head = getattr(model, name, None)
             for m in head.modules() if head is not None else ():
                 if isinstance(m, MovingAverageBatchNorm2d):
                     m.warmup_iters = head_warmup
-    prepare_model(model, centralize_weights=cfg.D2NORM.MABN.CENTRALIZE_WEIGHTS)
+    prepare_model(model, centralize_weights=d2norm_cfg.MABN.CENTRALIZE_WEIGHTS, example_inputs=example_inputs)
     logger.info(f"Normalization layers: {norm_layer_summary(model)}")
     return model
 

@@ -11,7 +11,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from .layers.mabn import MovingAverageBatchNorm2d
 from .layers.per_level import PerLevelNorm
 
-__all__ = ["NORM_MODULE_TYPES", "get_optimizer_param_groups", "build_optimizer"]
+__all__ = ["NORM_MODULE_TYPES", "build_optimizer", "clip_full_model_gradients", "get_optimizer_param_groups"]
 
 NORM_MODULE_TYPES = (
     torch.nn.BatchNorm1d,
@@ -29,11 +29,15 @@ NORM_MODULE_TYPES = (
 )
 
 
-def get_optimizer_param_groups(model, base_lr, weight_decay, weight_decay_norm, bias_lr_factor=1.0,
-                               weight_decay_bias=None):
+def get_optimizer_param_groups(model, base_lr=None, weight_decay=None, weight_decay_norm=None,
+                               bias_lr_factor=1.0, weight_decay_bias=None):
     """One group per parameter, with detectron2's rules: norm-owned parameters get
     ``weight_decay_norm``; parameters named ``bias`` get ``base_lr * bias_lr_factor`` and
-    ``weight_decay_bias`` (default: ``weight_decay``). Frozen and duplicate parameters are skipped."""
+    ``weight_decay_bias`` (default: ``weight_decay``). Frozen and duplicate parameters are skipped.
+
+    A value left ``None`` is left out of the groups, so the optimizer's own default applies (as
+    ``detectron2.solver.get_default_optimizer_params`` does, for ``LazyCall(torch.optim.SGD)(params=
+    LazyCall(get_optimizer_param_groups)(weight_decay_norm=0.0), lr=..., weight_decay=...)``)."""
     if weight_decay_bias is None:
         weight_decay_bias = weight_decay
     groups, seen = [], set()
@@ -46,8 +50,14 @@ def get_optimizer_param_groups(model, base_lr, weight_decay, weight_decay_norm, 
             if isinstance(module, NORM_MODULE_TYPES):
                 wd = weight_decay_norm
             if name == "bias":
-                lr, wd = base_lr * bias_lr_factor, weight_decay_bias
-            groups.append({"params": [param], "lr": lr, "weight_decay": wd})
+                lr = None if base_lr is None else base_lr * bias_lr_factor
+                wd = weight_decay_bias
+            group = {"params": [param]}
+            if lr is not None:
+                group["lr"] = lr
+            if wd is not None:
+                group["weight_decay"] = wd
+            groups.append(group)
     return groups
 
 
@@ -61,6 +71,14 @@ def _with_full_model_clipping(optimizer_cls, max_norm, norm_type):
             return super().step(closure)
 
     return FullModelGradientClippingOptimizer
+
+
+def clip_full_model_gradients(optimizer, max_norm, norm_type=2.0):
+    """Make ``optimizer`` clip the norm of all its gradients together before each step (in place;
+    returns it): ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` for LazyConfig, as
+    ``LazyCall(clip_full_model_gradients)(optimizer=LazyCall(torch.optim.SGD)(...), max_norm=35.0)``."""
+    optimizer.__class__ = _with_full_model_clipping(type(optimizer), max_norm, norm_type)
+    return optimizer
 
 
 def build_optimizer(cfg, model):

@@ -1,7 +1,9 @@
-"""Inference costs what BN costs: every d2norm layer folds into a per-channel affine / its conv."""
+"""Inference costs what BN costs: every d2norm layer folds into a per-channel affine / its conv,
+and only into a conv whose output it receives unchanged (never across an activation)."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
@@ -20,7 +22,7 @@ def trained_block(norm_name, steps=6):
     with d2norm.registry.norm_settings(cbn={"window": 3}, mabn={"buffer_size": 2, "warmup_iters": 2,
                                                                 "renorm_free_iters": 3}):
         block = nn.Sequential(Conv2d(3, 8, 3, padding=1, bias=False, norm=d2norm.get_norm(norm_name, 8)))
-    d2norm.prepare_model(block)
+    d2norm.prepare_model(block, example_inputs=torch.zeros(2, 3, 6, 6))
     opt = torch.optim.SGD(block.parameters(), lr=0.05)
     batches = [torch.randn(2, 3, 6, 6) * 2 + 1 for _ in range(steps)]
     for x in batches:
@@ -37,7 +39,7 @@ def test_conv_and_norm_fold_into_one_conv_with_identical_output(norm_name):
     block = trained_block(norm_name)
     x = torch.randn(4, 3, 6, 6)
     expected = block(x)
-    fold_norms(block)
+    fold_norms(block, example_inputs=(x,))
     conv = block[0]
     assert conv.norm is None and type(conv) is Conv2d  # no centralising subclass left either
     assert conv.bias is not None
@@ -48,7 +50,53 @@ def test_conv_and_norm_fold_into_one_conv_with_identical_output(norm_name):
 def test_fold_refuses_a_model_in_training_mode():
     block = trained_block("CBN").train()
     with pytest.raises(RuntimeError, match="eval mode"):
-        fold_norms(block)
+        fold_norms(block, example_inputs=(torch.randn(2, 3, 6, 6),))
+
+
+def test_fold_needs_example_inputs_for_a_model_that_is_not_a_detector():
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        fold_norms(trained_block("CBN"))
+
+
+def _with_statistics(model):
+    for m in model.modules():
+        if isinstance(m, MovingAverageBatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return model.eval()
+
+
+def test_an_activation_between_conv_and_norm_is_never_folded_across():
+    """Sequential(Conv2d(activation=relu), norm): folding the affine into the conv would put it
+    before the ReLU; the layer must stay after it (as a FrozenBatchNorm2d)."""
+    torch.manual_seed(0)
+    model = _with_statistics(nn.Sequential(Conv2d(3, 8, 3, padding=1, activation=F.relu), MovingAverageBatchNorm2d(8)))
+    x = torch.randn(2, 3, 6, 6) * 3
+    weight, expected = model[0].weight.clone(), model(x)
+    fold_norms(model, example_inputs=(x,))
+    assert isinstance(model[1], FrozenBatchNorm2d) and torch.equal(model[0].weight, weight)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), MovingAverageBatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_conv_whose_output_also_goes_elsewhere_is_not_folded():
+    torch.manual_seed(0)
+    model = _with_statistics(Residual())
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)
+    fold_norms(model, example_inputs=(x,))
+    assert isinstance(model.bn, FrozenBatchNorm2d)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

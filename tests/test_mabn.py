@@ -362,6 +362,21 @@ def test_centralized_weight_is_idempotent_and_rejects_non_convs():
         centralize_conv_weight(nn.Linear(3, 4))
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_centralized_transposed_conv_maps_a_constant_input_to_zero_mean_channels(groups):
+    """The zero-mean-filter property of weight centralisation, for a (grouped) transposed conv."""
+    torch.manual_seed(0)
+    conv = centralize_conv_weight(nn.ConvTranspose2d(4, 6, 2, stride=2, groups=groups, bias=False).double())
+    x = torch.ones(1, 4, 3, 3, dtype=torch.float64) * torch.tensor([1.0, 1.0, 2.0, 2.0]).double().view(1, 4, 1, 1)
+    with torch.no_grad():
+        y = conv(x)  # each group sees a constant input (1 for the first group's channels, 2 for the second's)
+        per_group_constant = conv(torch.ones(1, 4, 3, 3, dtype=torch.float64))
+    torch.testing.assert_close(per_group_constant.mean(dim=(0, 2, 3)), torch.zeros(6, dtype=torch.float64))
+    if groups == 2:
+        torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(6, dtype=torch.float64))
+    assert conv.weight.grad is None and not torch.allclose(conv.weight, centralized_weight(conv.weight, True, groups))
+
+
 # ---------------------------------------------------------------------------------------------
 # State: checkpoints, empty inputs, mixed precision, no-grad and eval forwards
 # ---------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_training_normalizes_each_level_with_its_own_batch_then_the_shared_affin
 def test_recalibration_gives_each_level_the_statistics_of_that_level(norm):
     head = _head(norm)
     make_retinanet_head_per_level(head, NUM_LEVELS)
-    prepare_model(head)
+    prepare_model(head, example_inputs=(_features(0),))
     batches = [_features(seed) for seed in range(3)]
 
     captured = copy.deepcopy(head)  # capture each level norm's inputs on a copy
@@ -125,7 +125,7 @@ def test_recalibration_gives_each_level_the_statistics_of_that_level(norm):
 def test_eval_uses_the_statistics_of_each_level_folded_with_the_shared_affine(norm):
     head = _head(norm)
     make_retinanet_head_per_level(head, NUM_LEVELS)
-    prepare_model(head)
+    prepare_model(head, example_inputs=(_features(0),))
     recalibrate(head, [_features(seed) for seed in range(2)], 2)
     head.eval()
     per_level = head.cls_subnet[1]

@@ -31,7 +31,7 @@ def _model(*norms):
         conv = nn.Conv2d(channels, channels + 1, 3, padding=1)
         layers += [conv, NORM_TYPES[name](channels + 1), nn.ReLU()]
         channels += 1
-    return prepare_model(nn.Sequential(*layers))
+    return prepare_model(nn.Sequential(*layers), example_inputs=torch.zeros(2, 3, 4, 4))
 
 
 def _batches(seed=0, shapes=((2, 5, 5), (1, 7, 4), (3, 4, 6))):

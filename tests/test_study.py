@@ -3,7 +3,7 @@
 The runner is exercised with a stand-in for ``tools/train_net.py`` that writes what the real one
 writes (``config.yaml``, ``metrics.json``, ``evaluation.json``, checkpoints) in milliseconds, so
 that resuming, skipping, failures and evaluation variants are checked without training; the
-``--eval-only --recalibrate`` path of the real ``train_net.py`` is checked on a tiny detector.
+``--eval-only`` recalibration path of the real ``train_net.py`` is checked on a tiny detector.
 """
 import json
 import subprocess
@@ -51,7 +51,8 @@ FAKE_TRAIN_NET = textwrap.dedent('''
                 f.write(json.dumps({"iteration": i, "total_loss": 2.0 / (i + 1), "time": 0.5}) + "\\n")
         for name in ("model_0000001.pth", "model_final.pth", "last_checkpoint"):
             (out / name).write_text("x")
-    ap = 10.0 * int(pairs["SEED"]) + (0.5 if "--recalibrate" in argv else 0.0) + (1.0 if norm == "GN" else 0.0)
+    recalibrated = pairs.get("D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY") == "True"
+    ap = 10.0 * int(pairs["SEED"]) + (0.5 if recalibrated else 0.0) + (1.0 if norm == "GN" else 0.0)
     (out / "evaluation.json").write_text(json.dumps({"bbox": {"AP": ap, "AP50": 2 * ap}, "segm": {"AP": ap / 2}}))
 ''')
 
@@ -151,7 +152,8 @@ def test_commands_resume_trainings_and_evaluate_trained_weights(study_file, fake
     assert command[-2:] == ["OUTPUT_DIR", str(train.directory(fake_runner.output))]
     command = fake_runner.command(evaluation)
     trained = train.directory(fake_runner.output)
-    assert {"--eval-only", "--recalibrate"} <= set(command)
+    assert "--eval-only" in command
+    assert command[command.index("D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY") + 1] == "True"
     assert command[command.index("--config-file") + 1] == str(trained / "config.yaml")
     assert command[command.index("MODEL.WEIGHTS") + 1] == str(trained / "model_final.pth")
 
@@ -201,10 +203,11 @@ def test_the_shipped_study_files_load_and_name_existing_configs():
     assert all((REPO / c.config).is_file() for c in cells + paper)
 
 
-def test_eval_only_recalibrate_recomputes_statistics_and_saves_the_evaluation(tiny_splits, tmp_path,  # noqa: F811
-                                                                            monkeypatch):
-    """``train_net.py --eval-only --recalibrate``: population statistics from training batches, then
-    COCO evaluation, whose results land in ``OUTPUT_DIR/evaluation.json``."""
+def test_eval_only_recalibration_recomputes_statistics_and_saves_the_evaluation(tiny_splits, tmp_path,  # noqa: F811
+                                                                               monkeypatch):
+    """``train_net.py --eval-only D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY True`` (the evaluation
+    variants' command): population statistics from training batches, then COCO evaluation, whose
+    results land in ``OUTPUT_DIR/evaluation.json``."""
     import torch
 
     train_net = load_tool("train_net")
@@ -221,14 +224,12 @@ def test_eval_only_recalibrate_recomputes_statistics_and_saves_the_evaluation(ti
         return seen["model"]
 
     monkeypatch.setattr(train_net.Trainer, "build_model", staticmethod(keep_model))
-    results = train_net.main(parse(["--config-file", str(DEMO_BASE), "--eval-only", "--recalibrate", *opts,
-                                    "MODEL.WEIGHTS", str(weights)]))
+    results = train_net.main(parse(["--config-file", str(DEMO_BASE), "--eval-only", *opts, "MODEL.WEIGHTS",
+                                    str(weights), "D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY", "True"]))
     state = seen["model"].state_dict()
     key = "backbone.bottom_up.stem.conv1.norm.running_var"
     assert not torch.equal(state[key], stored[key])  # recalibrated, not the EMA of the checkpoint
     assert json.loads((tmp_path / "evaluation.json").read_text()) == json.loads(json.dumps(results))
-    with pytest.raises(SystemExit, match="--recalibrate goes with --eval-only"):
-        train_net.main(parse(["--config-file", str(DEMO_BASE), "--recalibrate", *opts]))
 
 
 def test_module_help_runs():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, default_argument_parser
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.checkpoint import CheckpointError
@@ -57,7 +57,7 @@ def tiny_opts(norm, output_dir, splits, max_iter=3):
 
 
 def parse(argv):
-    return load_tool("train_net").argument_parser().parse_args(argv)
+    return default_argument_parser().parse_args(argv)
 
 
 @pytest.mark.parametrize(

@@ -202,10 +202,13 @@ def build_blocks(channels, window, device):
         torch.manual_seed(0)
         return nn.Conv2d(channels, channels, 3, padding=1, bias=False)
 
+    example = (torch.zeros(2, channels, 4, 4),)
     blocks = {
         "BN": nn.Sequential(conv(), nn.BatchNorm2d(channels)),
-        "CBN": d2norm.prepare_model(nn.Sequential(conv(), CrossIterationBatchNorm2d(channels, window=window))),
-        "MABN": d2norm.prepare_model(nn.Sequential(conv(), MovingAverageBatchNorm2d(channels))),
+        "CBN": d2norm.prepare_model(nn.Sequential(conv(), CrossIterationBatchNorm2d(channels, window=window)),
+                                    example_inputs=example),
+        "MABN": d2norm.prepare_model(nn.Sequential(conv(), MovingAverageBatchNorm2d(channels)),
+                                     example_inputs=example),
         "official-style CBN": _ConvOfficialStyleCBN(conv(), OfficialStyleCrossIterationBN(channels, window=window)),
     }
     assert is_weight_centralized(blocks["MABN"][0])

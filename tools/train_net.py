@@ -18,25 +18,17 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import d2norm  # noqa: F401  (registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers)
+import d2norm  # registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers
 from d2norm import add_d2norm_config, validate_d2norm_config
 from d2norm.checkpoint import Checkpointer
 from d2norm.config import scale_norm_iterations
 from d2norm.distributed import cpu_ddp_compatible, launch
-from d2norm.hooks import build_norm_hooks, build_recalibrator
+from d2norm.evaluation import fast_coco_eval_available
+from d2norm.hooks import build_norm_hooks, recalibration_loader
 from d2norm.modeling import build_model
 from d2norm.nonfinite_report import ReportNonFiniteSkips
 from d2norm.output_lock import output_dir_lock
 from d2norm.solver import build_optimizer
-
-
-def fast_coco_eval_available():
-    """Whether detectron2's compiled COCO evaluator exists (not in the pure-Python v0.6 install)."""
-    try:
-        from detectron2 import _C
-    except ImportError:
-        return False
-    return not getattr(_C, "IS_D2NORM_STUB", False)
 
 
 class Trainer(DefaultTrainer):
@@ -128,11 +120,12 @@ def save_evaluation(cfg, results):
 
 
 def evaluate(cfg, args):
-    """``--eval-only``: load ``MODEL.WEIGHTS``, optionally recalibrate the norms, evaluate."""
+    """``--eval-only``: load ``MODEL.WEIGHTS``, recalibrate the norms if
+    ``D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY``, evaluate."""
     model = Trainer.build_model(cfg)
     Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-    if args.recalibrate:
-        build_recalibrator(cfg, model, Trainer.build_train_loader)()
+    if cfg.D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY:
+        d2norm.recalibrate(model, recalibration_loader(cfg, Trainer.build_train_loader), cfg.D2NORM.PRECISE_BN.NUM_ITER)
     res = Trainer.test(cfg, model)
     verify_results(cfg, res)
     return res
@@ -142,8 +135,6 @@ def main(args):
     if args.eval_only:
         cfg = setup(args)
         return save_evaluation(cfg, evaluate(cfg, args))
-    if args.recalibrate:
-        raise SystemExit("--recalibrate goes with --eval-only (training recalibrates as D2NORM.PRECISE_BN says)")
     # One training per OUTPUT_DIR, locked before anything is written there (rank 0 writes).
     output_dir = load_config(args).OUTPUT_DIR
     with output_dir_lock(output_dir) if comm.is_main_process() else contextlib.nullcontext():
@@ -154,17 +145,8 @@ def main(args):
     return save_evaluation(cfg, getattr(trainer, "_last_eval_results", None))  # set by the final evaluation
 
 
-def argument_parser():
-    """detectron2's flags plus ``--recalibrate``."""
-    parser = default_argument_parser()
-    parser.add_argument("--recalibrate", action="store_true",
-                        help="with --eval-only: recompute the population statistics of every norm layer "
-                             "(D2NORM.PRECISE_BN.NUM_ITER training batches, model fixed) before evaluating")
-    return parser
-
-
 def invoke_main():
-    args = argument_parser().parse_args()
+    args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

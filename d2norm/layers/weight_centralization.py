@@ -5,6 +5,12 @@ uses a zero-mean filter per output channel, W̃[c] = W[c] − mean_{i,u,v} W[c, 
 each forward with autograd through the subtraction (so ∂L/∂W[c] is the projection of ∂L/∂W̃[c]
 onto the zero-mean subspace).
 
+A transposed conv (``nn.ConvTranspose2d``, e.g. the up-sampling of ViTDet's
+``SimpleFeaturePyramid``) stores its weight as (C_in, C_out / groups, kh, kw): output channel c of
+group g is computed from the input channels of g and taps (u, v), and its mean over the output
+positions of a constant input is proportional to Σ_{i,u,v} W[i, c, u, v]. Centring over exactly
+those entries gives the same zero-mean filter property, so MABN can follow a transposed conv too.
+
 :func:`centralize_conv_weight` swaps a conv's class to a cached subclass whose ``forward`` sees
 W̃ as ``self.weight``. This works for ``torch.nn.Conv2d`` and for detectron2's ``Conv2d`` (whose
 ``forward`` calls ``F.conv2d`` itself and then applies its ``norm``/``activation``). Outside
@@ -19,10 +25,26 @@ import torch.nn as nn
 
 __all__ = ["centralize_conv_weight", "centralized_weight", "effective_conv_weight", "is_weight_centralized"]
 
+_CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
 
-def centralized_weight(weight: torch.Tensor) -> torch.Tensor:
-    """W − mean W over every dimension but the first (output channels); differentiable."""
-    return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+
+def centralized_weight(weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
+    """W − mean W over the entries of each output channel; differentiable.
+
+    For a conv (``transposed=False``, weight (C_out, C_in / groups, kh, kw)) that is every
+    dimension but the first; for a transposed conv (weight (C_in, C_out / groups, kh, kw)) the
+    group's input channels and the taps of each output channel.
+    """
+    if not transposed:
+        return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+    c_in, c_out_per_group = weight.shape[:2]
+    grouped = weight.reshape(groups, c_in // groups, c_out_per_group, *weight.shape[2:])
+    dims = (1, *range(3, grouped.dim()))
+    return (grouped - grouped.mean(dim=dims, keepdim=True)).reshape(weight.shape)
+
+
+def _centralized_weight_of(conv, weight):
+    return centralized_weight(weight, isinstance(conv, nn.ConvTranspose2d), conv.groups)
 
 
 class _WeightCentralizedConv:
@@ -32,7 +54,7 @@ class _WeightCentralizedConv:
         # An instance attribute shadows ``_parameters["weight"]`` (nn.Module resolves parameters
         # only when normal attribute lookup fails), so the base forward reads W̃ while the
         # Parameter itself, parameters() and state_dict() are untouched.
-        self.__dict__["weight"] = centralized_weight(self._parameters["weight"])
+        self.__dict__["weight"] = _centralized_weight_of(self, self._parameters["weight"])
         try:
             return super().forward(*args, **kwargs)
         finally:
@@ -47,10 +69,10 @@ class _WeightCentralizedConv:
         return _new_centralized, (type(self)._centralized_base,), self.__dict__
 
 
-_CENTRALIZED_CLASSES: Dict[type, Type[nn.Conv2d]] = {}
+_CENTRALIZED_CLASSES: Dict[type, Type[nn.Module]] = {}
 
 
-def _centralized_class(base: type) -> Type[nn.Conv2d]:
+def _centralized_class(base: type) -> Type[nn.Module]:
     cls = _CENTRALIZED_CLASSES.get(base)
     if cls is None:
         name = f"WeightCentralized{base.__name__}"
@@ -59,7 +81,7 @@ def _centralized_class(base: type) -> Type[nn.Conv2d]:
     return cls
 
 
-def _new_centralized(base: type) -> nn.Conv2d:
+def _new_centralized(base: type) -> nn.Module:
     """Unpickling helper: an uninitialised instance of the centralised subclass of ``base``."""
     cls = _centralized_class(base)
     return cls.__new__(cls)
@@ -70,24 +92,27 @@ def is_weight_centralized(conv: nn.Module) -> bool:
     return isinstance(conv, _WeightCentralizedConv)
 
 
-def centralize_conv_weight(conv: nn.Conv2d) -> nn.Conv2d:
+def centralize_conv_weight(conv: nn.Module) -> nn.Module:
     """Make ``conv`` use W − mean W per output channel in forward (in place, idempotent).
 
     Args:
-        conv: a ``torch.nn.Conv2d`` or subclass (e.g. ``detectron2.layers.Conv2d``).
+        conv: a ``torch.nn.Conv2d`` or subclass (e.g. ``detectron2.layers.Conv2d``), or a
+            ``torch.nn.ConvTranspose2d``.
 
     Returns:
         ``conv`` itself, now an instance of a subclass of its original class.
     """
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"centralize_conv_weight expects an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(conv, _CONV_TYPES):
+        raise TypeError(
+            f"centralize_conv_weight expects an nn.Conv2d or nn.ConvTranspose2d, got {type(conv).__name__}"
+        )
     if not is_weight_centralized(conv):
         conv.__class__ = _centralized_class(type(conv))
     return conv
 
 
-def effective_conv_weight(conv: nn.Conv2d) -> torch.Tensor:
+def effective_conv_weight(conv: nn.Module) -> torch.Tensor:
     """The weight ``conv``'s forward multiplies by: W̃ if centralised, else W (for folding)."""
     if is_weight_centralized(conv):
-        return centralized_weight(conv.weight)
+        return _centralized_weight_of(conv, conv.weight)
     return conv.weight

@@ -108,8 +108,8 @@ class StudyRunner:
         else:
             trained = self.trained_directory(cell)
             head = ["--config-file", str(trained / "config.yaml"), "--eval-only"]
-            head += ["--recalibrate"] if cell.variant.recalibrate else []
-            opts = cell.opts() + ["MODEL.WEIGHTS", str(trained / "model_final.pth")]
+            opts = cell.opts() + ["MODEL.WEIGHTS", str(trained / "model_final.pth"),
+                                  "D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY", str(cell.variant.recalibrate)]
         return ([sys.executable, str(self.train_net)] + head + ["--num-gpus", str(self.num_gpus)] + opts
                 + list(self.extra_opts) + ["OUTPUT_DIR", str(cell.directory(self.output))])
 
