@@ -173,11 +173,11 @@ def norm_types_by_part(model):
 
 
 def _paper_config_paths():
-    """Every leaf config under configs/ except the lead's configs/demo/."""
+    """Every leaf config under configs/ except the built-in-data ones (configs/demo/, configs/study/)."""
     return sorted(
         p.relative_to(CONFIGS).as_posix()
         for p in CONFIGS.rglob("*.yaml")
-        if p.relative_to(CONFIGS).parts[0] != "demo" and not p.name.startswith("Base-")
+        if p.relative_to(CONFIGS).parts[0] not in ("demo", "study") and not p.name.startswith("Base-")
     )
 
 
