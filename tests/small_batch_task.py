@@ -2,10 +2,10 @@
 
 Each 24x24 grayscale image shows one shape of the built-in dataset (``d2norm.data.shapes``) near
 the centre, at a random size and rotation, painted with a faint or a strong contrast over pixel
-noise. The label is (category, contrast): 10 classes. Half of the information is in a per-image
-statistic (the image's intensity scale), which BatchNorm over a 2-image batch partly divides away
-in training but population statistics keep at test time — the train/test inconsistency of
-small-batch BN (Wu & Johnson 2021, Sec. 3; Yan et al. 2020, Sec. 3).
+noise. The label is (category, contrast): 10 classes. Half of the label is a per-image intensity
+scale, designed to be what BatchNorm over a 2-image batch partly divides away in training while
+population statistics keep it at test time: the train/test inconsistency of small-batch BN
+(Wu & Johnson 2021, Sec. 3).
 """
 import math
 
