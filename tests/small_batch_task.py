@@ -52,7 +52,7 @@ def make_cnn(norm, widths=(8, 16, 32)):
             layers.append(nn.MaxPool2d(2))
         channels = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, NUM_CLASSES)]
-    return prepare_model(nn.Sequential(*layers))
+    return prepare_model(nn.Sequential(*layers), example_inputs=(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE),))
 
 
 def train(model, images, labels, batch_size, epochs, base_lr, seed):

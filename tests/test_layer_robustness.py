@@ -23,7 +23,7 @@ STATEFUL = ["CBN-burnin", "CBN", "MABN"]
 def block(name, seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), LAYERS[name](4))
-    return d2norm.prepare_model(model)
+    return d2norm.prepare_model(model, example_inputs=(torch.zeros(1, 3, 8, 8),))
 
 
 def batch(step, scale=1.0, dtype=torch.float32):

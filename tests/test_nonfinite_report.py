@@ -14,7 +14,7 @@ def test_skips_are_recorded_and_the_layers_named_once(caplog):
     model = d2norm.prepare_model(nn.Sequential(
         nn.Conv2d(3, 4, 3), d2norm.CrossIterationBatchNorm2d(4, window=2),
         nn.Conv2d(4, 4, 1), d2norm.MovingAverageBatchNorm2d(4),
-    ))
+    ), example_inputs=(torch.zeros(1, 3, 5, 5),))
     hook = ReportNonFiniteSkips(model, period=2)
     with EventStorage() as storage:
         hook.trainer = SimpleNamespace(iter=0, max_iter=10, storage=storage)
