@@ -87,10 +87,10 @@ def calls(tmp_path):
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_cells_run_seed_by_seed_with_evaluations_after_their_trainings(study_file):
+def test_cells_run_seed_by_seed_with_evaluations_right_after_their_trainings(study_file):
     cells = load_study(study_file)
     assert [(c.variant.name, c.seed) for c in cells] == [
-        ("BN@2", 1), ("GN", 1), ("BN@2+PreciseBN", 1), ("BN@2", 2), ("GN", 2), ("BN@2+PreciseBN", 2)]
+        ("BN@2", 1), ("BN@2+PreciseBN", 1), ("GN", 1), ("BN@2", 2), ("BN@2+PreciseBN", 2), ("GN", 2)]
 
 
 def test_norm_sets_every_norm_key_and_overrides_merge_into_detectron2_config(study_file):
@@ -146,7 +146,7 @@ def test_run_records_every_cell_then_skips_finished_cells(study_file, fake_runne
 
 
 def test_commands_resume_trainings_and_evaluate_trained_weights(study_file, fake_runner):
-    train, _, evaluation = load_study(study_file)[:3]
+    train, evaluation = load_study(study_file)[:2]
     command = fake_runner.command(train)
     assert "--resume" in command and "--eval-only" not in command
     assert command[-2:] == ["OUTPUT_DIR", str(train.directory(fake_runner.output))]
@@ -160,7 +160,7 @@ def test_commands_resume_trainings_and_evaluate_trained_weights(study_file, fake
 
 def test_a_failed_cell_names_its_log_and_the_rerun_continues_there(study_file, fake_runner, tmp_path, monkeypatch):
     cells = load_study(study_file)
-    failing = cells[1].directory(fake_runner.output)
+    failing = cells[2].directory(fake_runner.output)
     monkeypatch.setenv("FAKE_FAIL", str(failing))
     with pytest.raises(CellFailedError, match=r"GN / seed 1 failed \(exit 3\); see .*study_stdout.log"):
         fake_runner.run(cells, log=lambda line: None)
@@ -168,6 +168,24 @@ def test_a_failed_cell_names_its_log_and_the_rerun_continues_there(study_file, f
     fake_runner.run(cells, log=lambda line: None)
     assert [c[c.index("OUTPUT_DIR") + 1] for c in calls(tmp_path)].count(str(failing)) == 2
     assert len(calls(tmp_path)) == 7
+
+
+def test_records_of_a_committed_results_file_count_as_finished_cells(study_file, fake_runner, tmp_path, capsys):
+    """A study resumes on another machine from its committed results.json: recorded cells are not
+    trained again, and the report covers them and the new ones."""
+    from d2norm.study.__main__ import main
+
+    results = tmp_path / "results"
+    main(["run", str(study_file), "--output", str(tmp_path / "out"), "--results", str(results),
+          "--train-net", str(fake_runner.train_net), "--seeds", "1"])
+    assert len(calls(tmp_path)) == 3
+    main(["run", str(study_file), "--output", str(tmp_path / "elsewhere"), "--results", str(results),
+          "--train-net", str(fake_runner.train_net)])
+    log = tmp_path / "elsewhere" / "calls.log"
+    assert [json.loads(line)[json.loads(line).index("SEED") + 1] for line in log.read_text().splitlines()] == ["2"] * 3
+    assert sorted((r["variant"], r["seed"]) for r in json.loads((results / "results.json").read_text())) == [
+        ("BN@2", 1), ("BN@2", 2), ("BN@2+PreciseBN", 1), ("BN@2+PreciseBN", 2), ("GN", 1), ("GN", 2)]
+    assert "[study] 6/6 cells finished" in capsys.readouterr().out
 
 
 def test_report_gives_mean_and_spread_over_seeds_and_writes_plots(study_file, fake_runner, tmp_path):

@@ -1,12 +1,13 @@
 """``python -m d2norm.study {run,report} STUDY.yaml``: train the matrix of a study file, or only
 aggregate the cells finished so far. See :mod:`d2norm.study.matrix` for the study file."""
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from .matrix import StudyFileError, load_study
 from .report import write_report
-from .runner import CellFailedError, StudyRunner, read_record
+from .runner import CellFailedError, StudyRunner, cell_key, read_record
 
 DEFAULT_TRAIN_NET = Path(__file__).resolve().parents[2] / "tools" / "train_net.py"
 
@@ -34,27 +35,38 @@ def parse_args(argv=None):
     return args
 
 
+def known_records(results_file):
+    """``{cell_key: record}`` of an existing ``results.json`` ({} if there is none): finished cells
+    of a committed study count as finished on another machine."""
+    if not results_file.exists():
+        return {}
+    return {cell_key(r["config"], r["variant"], r["seed"]): r for r in json.loads(results_file.read_text())}
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         cells = load_study(args.study_file, args.variants, args.seeds)
+        every_cell = load_study(args.study_file)
     except StudyFileError as e:
         sys.exit(f"error: {e}")
+    results_dir = Path(args.results or args.output)
+    known = known_records(results_dir / "results.json")
     runner = StudyRunner(Path(args.output), Path(args.train_net), args.num_gpus, args.threads,
                          args.poll_seconds, tuple(args.opts))
     if args.command == "run":
         try:
-            records = runner.run(cells, log=lambda line: print(line, flush=True))
+            runner.run(cells, log=lambda line: print(line, flush=True), known=known)
         except CellFailedError as e:
             sys.exit(f"error: {e}")
-    else:
-        records = [r for r in (read_record(c, args.output) for c in cells) if r is not None]
-        print(f"[study] {len(records)}/{len(cells)} cells finished")
+    known.update(known_records(results_dir / "results.json"))  # written meanwhile by a parallel run
+    records = [r for r in (read_record(c, args.output, known) for c in every_cell) if r is not None]
+    print(f"[study] {len(records)}/{len(every_cell)} cells finished")
     if not records:
         return
-    by_key = {(c.config, c.variant.name, c.seed): c for c in cells}
-    table = write_report(records, args.results or args.output,
-                         lambda r: by_key[(r["config"], r["variant"], r["seed"])].directory(args.output))
+    by_key = {cell_key(c.config, c.variant.name, c.seed): c for c in every_cell}
+    table = write_report(records, results_dir,
+                         lambda r: by_key[cell_key(r["config"], r["variant"], r["seed"])].directory(args.output))
     print(table)
 
 

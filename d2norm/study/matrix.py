@@ -107,7 +107,8 @@ def _variant(path, name, spec):
 
 def load_study(path, only_variants=None, only_seeds=None):
     """The cells of the study file at ``path``, seed by seed (so an interrupted study has whole
-    seeds), each seed's trained variants before its evaluation variants.
+    seeds), each trained variant directly followed by the variants that evaluate its weights
+    (so its ``model_final.pth`` is needed only briefly).
 
     Args:
         only_variants: names to keep (an evaluation variant keeps the one it evaluates too).
@@ -140,5 +141,6 @@ def load_study(path, only_variants=None, only_seeds=None):
         variants = {n: v for n, v in variants.items() if n in keep}
     if only_seeds:
         seeds = [s for s in seeds if s in set(only_seeds)] or list(only_seeds)
-    ordered = sorted(variants.values(), key=lambda v: not v.trains)
+    ordered = [w for v in variants.values() if v.trains
+               for w in [v] + [e for e in variants.values() if e.evaluate == v.name]]
     return [Cell(config, variant, seed) for seed in seeds for config in configs for variant in ordered]

@@ -18,7 +18,7 @@ from pathlib import Path
 from .matrix import Cell, Variant
 from .metrics import cell_schedule, evaluation_results, read_metrics, seconds_per_iter
 
-__all__ = ["CellFailedError", "StudyRunner", "read_record"]
+__all__ = ["CellFailedError", "StudyRunner", "cell_key", "read_record"]
 
 RECORD_NAME = "study_record.json"
 
@@ -27,10 +27,18 @@ class CellFailedError(RuntimeError):
     """A cell's ``train_net.py`` process failed; the message names the cell and its log."""
 
 
-def read_record(cell, output):
-    """The record of a finished cell, or None."""
+def cell_key(config, variant, seed):
+    """The identity of a cell (and of its record) across machines."""
+    return (Path(config).as_posix(), variant, seed)
+
+
+def read_record(cell, output, known=None):
+    """The record of a finished cell: from its directory, else from ``known`` (``{cell_key: record}``,
+    e.g. a committed ``results.json``), else None."""
     path = cell.directory(output) / RECORD_NAME
-    return json.loads(path.read_text()) if path.exists() else None
+    if path.exists():
+        return json.loads(path.read_text())
+    return (known or {}).get(cell_key(cell.config, cell.variant.name, cell.seed))
 
 
 def git_commit(root):
@@ -73,10 +81,11 @@ class StudyRunner:
     poll_seconds: float = 60.0
     extra_opts: tuple = ()
 
-    def run(self, cells, log=print):
-        """Run every unfinished cell of ``cells`` in order; return the records of all of them."""
+    def run(self, cells, log=print, known=None):
+        """Run every unfinished cell of ``cells`` in order; return the records of all of them.
+        ``known`` records (see :func:`read_record`) count as finished cells."""
         commit = git_commit(Path(self.train_net).resolve().parents[1])
-        pending = [c for c in cells if read_record(c, self.output) is None]
+        pending = [c for c in cells if read_record(c, self.output, known) is None]
         log(f"[study] {len(cells)} cells: {len(cells) - len(pending)} finished, {len(pending)} to run")
         schedules = [cell_schedule(c.config, c.variant.overrides) for c in pending]  # (images, iterations)
         seconds_per_image = []  # wall seconds per trained image, of the cells trained now
@@ -94,7 +103,7 @@ class StudyRunner:
                 seconds_per_image.append((time.time() - started) / (images * iterations))
             log(f"[study] done in {format_seconds(time.time() - started)}: box AP {_ap(record['box_ap'])}, "
                 f"mask AP {_ap(record['mask_ap'])}")
-        return [read_record(c, self.output) for c in cells]
+        return [read_record(c, self.output, known) for c in cells]
 
     def trained_directory(self, cell):
         """Directory of the trained cell an evaluation cell evaluates (same config and seed)."""
