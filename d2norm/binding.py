@@ -1,7 +1,7 @@
 """``prepare_model``: connect each d2norm layer to the conv that feeds it.
 
 Detectron2 builds a norm from a channel count alone and calls it with one argument, so a norm never
-sees its conv (detectron2.md §2.1). After the model is built, this pass finds every
+sees its conv (``detectron2/layers/wrappers.py``, ``Conv2d``). After the model is built, this pass finds every
 ``conv -> norm`` pair — ``detectron2.layers.Conv2d(..., norm=...)`` (backbone, FPN, box/mask heads)
 and consecutive ``conv, norm`` entries of an ``nn.Sequential`` (RetinaNet head, where the norm may
 be a :class:`~d2norm.layers.per_level.PerLevelNorm`) — and
