@@ -6,7 +6,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.d2norm-setup
 DEMO_CONFIG ?= configs/demo/mask_rcnn_R_18_FPN_CBN_shapes.yaml
-DEMO_OUTPUT ?= output/demo
+# One folder per demo config: output/demo/<config file name without .yaml>.
+DEMO_OUTPUT ?= output/demo/$(basename $(notdir $(DEMO_CONFIG)))
+# Config overrides for `make demo`, e.g. ARGS="SOLVER.MAX_ITER 100 SEED 1".
+ARGS ?=
 
 .PHONY: setup demo test test-slow bench clean
 
@@ -21,13 +24,15 @@ $(STAMP): requirements/cpu.txt setup.py tools/install_detectron2.py Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
+	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT) $(ARGS)
+	$(PY) tools/predict.py --config-file $(DEMO_CONFIG) --weights $(DEMO_OUTPUT)/model_final.pth \
+		--limit 8 --grid $(DEMO_OUTPUT)/predictions.png $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -m slow -s -v
 
 bench: setup
 	$(PY) tools/benchmark_norm.py

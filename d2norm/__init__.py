@@ -4,13 +4,18 @@ Importing this package registers the norm names ``"CBN"``, ``"MABN"`` and ``"Pre
 every Detectron2 module that builds norms through ``get_norm`` (ResNet, FPN, box/mask heads,
 RetinaNet head, …), so they can be selected from YAML.
 """
-from . import data, registry  # noqa: F401  (importing data registers the built-in dataset)
+from .third_party_warnings import silence_third_party_warnings
+
+silence_third_party_warnings()  # before the first detectron2 import below
+
+from . import data, registry  # noqa: F401,E402  (importing data registers the built-in dataset)
 from .config import add_d2norm_config, validate_d2norm_config
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from .registry import get_norm, known_norm_names, layer_settings, register_norm
 from .binding import prepare_model
-from .modeling import build_model
+from .modeling import build_model, configured_norms
 from .recalibrate import recalibrate
+from .fold import fold_norms
 
 __all__ = [
     "CrossIterationBatchNorm2d",
@@ -22,6 +27,8 @@ __all__ = [
     "known_norm_names",
     "register_norm",
     "build_model",
+    "configured_norms",
+    "fold_norms",
     "prepare_model",
     "recalibrate",
 ]

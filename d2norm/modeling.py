@@ -1,4 +1,5 @@
 """``build_model``: detectron2's ``build_model`` with d2norm's settings and post-build pass."""
+import contextlib
 import logging
 from collections import Counter
 
@@ -9,9 +10,9 @@ from .binding import prepare_model
 from .config import norm_settings_from_config
 from .layers import MovingAverageBatchNorm2d
 from .layers.per_level import make_retinanet_head_per_level
-from .registry import norm_settings
+from .registry import UnknownNormError, known_norm_names, norm_settings
 
-__all__ = ["build_model", "finish_model", "norm_layer_summary"]
+__all__ = ["build_model", "configured_norms", "finish_model", "norm_layer_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +20,36 @@ logger = logging.getLogger(__name__)
 _HEAD_NAMES = ("roi_heads", "head")
 
 
+def _norm_keys(node, prefix="MODEL"):
+    """``(key, value)`` of every ``*.NORM`` entry under ``cfg.MODEL`` (e.g. ``MODEL.FPN.NORM``)."""
+    for name, value in node.items():
+        if isinstance(value, dict):
+            yield from _norm_keys(value, f"{prefix}.{name}")
+        elif name == "NORM":
+            yield f"{prefix}.{name}", value
+
+
+@contextlib.contextmanager
+def configured_norms(cfg):
+    """Within the block, d2norm layers built by ``get_norm`` take their settings from
+    ``cfg.D2NORM`` (outside it they get the papers' defaults), and an unknown norm name raises an
+    error naming the config key that held it. :func:`build_model` builds inside this block; a
+    custom builder does the same, then calls :func:`d2norm.prepare_model`."""
+    try:
+        with norm_settings(**norm_settings_from_config(cfg)):
+            yield
+    except UnknownNormError as error:
+        keys = [key for key, value in _norm_keys(cfg.MODEL) if value == error.norm] or ["(not a MODEL.*.NORM key)"]
+        raise UnknownNormError(
+            f"Unknown norm {error.norm!r} in cfg.{', cfg.'.join(keys)}. Known norms: {', '.join(known_norm_names())}",
+            norm=error.norm,
+        ) from None
+
+
 def build_model(cfg):
-    """Build the model of ``cfg`` with ``cfg.D2NORM`` layer settings, then :func:`finish_model`."""
-    with norm_settings(**norm_settings_from_config(cfg)):
+    """Build the model of ``cfg`` with ``cfg.D2NORM`` layer settings (:func:`configured_norms`), then
+    :func:`finish_model`."""
+    with configured_norms(cfg):
         model = d2_build_model(cfg)
     return finish_model(model, cfg.D2NORM)
 

@@ -80,8 +80,11 @@ class _PooledMoments:
 def recalibrate(model, data_loader, num_iters):
     """Set the population statistics of every norm layer of ``model`` from ``num_iters`` batches.
 
-    Preconditions: ``model(batch)`` accepts each batch in training mode (detectron2 models then
-    compute losses, so batches need ground truth); every rank calls this with the same model and
+    Preconditions: ``model(batch)`` accepts each batch in training mode, so a detectron2 model
+    needs *training* batches with ground truth (its RPN and RoI heads sample proposals against the
+    ``"instances"`` and compute losses): a loader from ``build_detection_train_loader(cfg)``, not
+    ``build_detection_test_loader`` (a batch of dataset dicts without ``"instances"`` or
+    ``"sem_seg"`` raises a ValueError); every rank calls this with the same model and
     ``num_iters``. Parameters do not change. Afterwards every module has its former train/eval
     mode and every norm-layer buffer other than the statistics set here its former value (EMA
     statistics, cross-iteration windows, ring buffers, counters).
@@ -140,6 +143,7 @@ def _run(model, data_loader, num_iters, layers, moments):
     try:
         with EventStorage():  # detectron2 models log in training mode; discard those events
             for batch in itertools.islice(data_loader, num_iters):
+                _check_ground_truth(batch)
                 called.clear()
                 model(batch)
                 done += 1
@@ -151,6 +155,21 @@ def _run(model, data_loader, num_iters, layers, moments):
     if done != num_iters:
         raise RuntimeError(
             f"Recalibration needs {num_iters} batches but the data loader yielded only {done}."
+        )
+
+
+_GROUND_TRUTH_KEYS = ("instances", "sem_seg")  # what detectron2's training forwards read
+
+
+def _check_ground_truth(batch):
+    """Reject a detectron2 batch (a list of dataset dicts with an "image") that has no ground truth."""
+    if not (isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], dict) and "image" in batch[0]):
+        return
+    if not any(key in batch[0] for key in _GROUND_TRUTH_KEYS):
+        raise ValueError(
+            "d2norm.recalibrate runs the model in training mode, which for a detectron2 model needs "
+            f"ground truth, but the batch's dicts have only {sorted(batch[0])}: pass a training loader "
+            "(detectron2.data.build_detection_train_loader(cfg)), not a test loader."
         )
 
 

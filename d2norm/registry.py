@@ -6,9 +6,9 @@ binds ``get_norm`` by name at import time. :func:`install` therefore rebinds the
 in every already-imported module that holds detectron2's original function, replacing it with
 :func:`get_norm`, which resolves d2norm names and defers everything else to the original.
 
-Layer hyper-parameters (window, buffer size, …) come from :func:`norm_settings`, which the
-trainer enters with ``cfg.D2NORM`` while it builds the model; outside it the defaults of
-``decisions.md`` §4 apply.
+Layer hyper-parameters (window, buffer size, …) come from :func:`norm_settings`, which
+:func:`d2norm.modeling.build_model` enters with ``cfg.D2NORM`` while it builds the model; outside
+it the layers' own defaults (the papers' settings) apply.
 """
 import contextlib
 import importlib
@@ -43,7 +43,11 @@ _SETTINGS: Dict[str, dict] = {}
 
 
 class UnknownNormError(KeyError):
-    """Raised for a norm name that neither d2norm nor detectron2 knows."""
+    """Raised for a norm name that neither d2norm nor detectron2 knows; ``norm`` is that name."""
+
+    def __init__(self, message, norm=None):
+        super().__init__(message)
+        self.norm = norm
 
     def __str__(self):
         return self.args[0]
@@ -110,7 +114,7 @@ def get_norm(norm, out_channels):
         if not isinstance(norm, str):
             raise
         raise UnknownNormError(
-            f"Unknown norm {norm!r}. Known norms: {', '.join(known_norm_names())}"
+            f"Unknown norm {norm!r}. Known norms: {', '.join(known_norm_names())}", norm=norm
         ) from None
 
 

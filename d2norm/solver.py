@@ -1,7 +1,7 @@
 """Optimizer construction that treats d2norm layers as normalization layers.
 
 Detectron2 applies ``SOLVER.WEIGHT_DECAY_NORM`` only to parameters owned by a fixed tuple of torch
-norm types (detectron2.md §2.3). CBN and PreciseBN subclass ``nn.BatchNorm2d`` and are covered;
+norm types (``detectron2/solver/build.py``, ``get_default_optimizer_params``). CBN and PreciseBN subclass ``nn.BatchNorm2d`` and are covered;
 MABN and the per-level wrapper (shared affine) are not, so they would silently get the full weight
 decay. This module builds the same parameter groups with d2norm types included.
 """

@@ -55,7 +55,7 @@ def test_block_windows_are_full_when_timed(block_report):
 
 
 def test_window_state_of_ours_is_about_a_third_of_official(block_report):
-    """Official: a weight copy and two weight-sized gradients per past iteration (cbn_mabn.md A.7);
+    """Official: a weight copy and two weight-sized gradients per past iteration (Howal/Cross-iterationBatchNorm CBN.py);
     ours: one weight-sized derivative plus per-channel scalars and one mean patch."""
     ratio = block_report["block"]["ratios"]["CBN/official-style CBN"]["window_state"]
     assert 0.2 < ratio < 0.5

@@ -1,5 +1,5 @@
-"""CrossIterationBatchNorm2d: official trajectories, cbn_mabn.md C.1 oracles (in d2norm's textbook
-conventions, decisions.md §3) and the binding/state contract."""
+"""CrossIterationBatchNorm2d: official trajectories, properties from the CBN paper (in d2norm's textbook
+BN conventions) and the binding/state contract."""
 import copy
 import json
 import pickle
@@ -127,7 +127,7 @@ def test_replays_official_trajectory(case):
 
 
 # ---------------------------------------------------------------------------------------------
-# C.1 oracles
+# Properties of the pooled, compensated statistics
 
 
 def bn_twin(conv, norm):
@@ -187,7 +187,7 @@ def test_unchanged_weights_pool_the_union_of_equal_batches():
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "conv_bias"])
 def test_compensation_exact_for_mean_and_first_order_for_variance(bias):
     """Same input twice, weights changed by dW: the compensated mean is the mean under the new
-    weights; the compensated variance falls short by q = mean_m <dW[c], p_m>^2 (C.1.5)."""
+    weights; the compensated variance falls short by q = mean_m <dW[c], p_m>^2."""
     conv, norm = make_pair(window=2, bias=bias)
     x = randn(2, 3, 5, 5, seed=0)
     train_step(conv, norm, x, lr=0.0)
@@ -205,7 +205,7 @@ def test_compensation_exact_for_mean_and_first_order_for_variance(bias):
 
 def test_entry_with_negative_compensated_variance_is_excluded_per_channel():
     """Flipping W[0] makes the first entry's compensated variance negative in channel 0 only:
-    channel 0 pools k-1 batches, the other channels all k (C.1.7)."""
+    channel 0 pools k-1 batches, the other channels all k."""
     conv, norm = make_pair(window=3)
     xs = [randn(2, 3, 4, 4, seed=t) for t in range(3)]
     train_step(conv, norm, xs[0], lr=0.0)
@@ -242,7 +242,7 @@ def test_eval_is_the_per_channel_affine(affine):
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_gradcheck_with_fixed_history(affine):
-    """Input (and affine) gradient = BN backward with statistic terms divided by the count (A.5)."""
+    """Input (and affine) gradient = BN backward with statistic terms divided by the count."""
     past_mean, past_var = randn(3, 4, seed=1), randn(3, 4, seed=2).abs()
     past_valid = torch.tensor([[1, 1, 0, 1], [0, 1, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)
 

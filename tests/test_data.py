@@ -1,5 +1,6 @@
 """Built-in shapes dataset: deterministic generation, valid COCO annotations of the visible parts,
 cache validation, and detectron2 registration (mapper, train loader, COCO evaluator)."""
+import hashlib
 import json
 import logging
 
@@ -14,13 +15,18 @@ from detectron2.structures import BoxMode, Boxes, Instances, PolygonMasks, polyg
 from pycocotools.coco import COCO
 
 from d2norm.data import (
+    DEMO,
     SHAPE_CATEGORIES,
+    SHAPES_DEMO_TRAIN,
+    SHAPES_DEMO_VAL,
     SHAPES_TRAIN,
     SHAPES_VAL,
+    STUDY,
     default_shapes_root,
     ensure_shapes_split,
     generate_shapes_split,
     register_shapes_dataset,
+    register_shapes_demo_dataset,
     register_shapes_split,
 )
 from d2norm.data.coco_format import instance_annotation
@@ -28,6 +34,9 @@ from d2norm.data.scene import random_scene, sample_layout, visible_instances
 from d2norm.data.shapes import ShapeSpec, rasterize
 
 SIZE = 128
+# sha256 of manifest.json (which holds the digests of every image and of the json) of the 4-image,
+# seed-0 study split, as generated before scene styles existed.
+STUDY_4_IMAGES_MANIFEST_SHA256 = "6e27d9bb6d630d331af9fe91d89ea3643656c7d5586541e0e5965dd84d0dc320"
 
 
 def _files(split_dir):
@@ -253,3 +262,36 @@ def test_coco_evaluator_scores_the_ground_truth_as_perfect(tiny_dataset):
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(100.0)
     assert results["segm"]["AP"] == pytest.approx(100.0)
+
+
+def test_study_split_files_are_unchanged_by_the_demo_style(tmp_path):
+    """The study splits' bytes (a study compares runs on them): digests of the generator before styles existed."""
+    files = generate_shapes_split(tmp_path / "study", 4, seed=0)
+    manifest = json.loads(files.manifest.read_text())
+    assert manifest["params"] == {"version": 1, "num_images": 4, "seed": 0, "image_size": 128}
+    assert hashlib.sha256(files.manifest.read_bytes()).hexdigest() == STUDY_4_IMAGES_MANIFEST_SHA256
+
+
+def test_demo_style_is_easier_than_the_study_style():
+    """Fewer shapes, none tiny, less occluded, and solid fills (one colour per instance)."""
+    counts, areas = [], []
+    for index in range(100):
+        image, instances = random_scene(np.random.default_rng([0, index]), SIZE, DEMO)
+        counts.append(len(instances))
+        areas.extend(int(instance.mask.sum()) for instance in instances)
+        for instance in instances:
+            inside = image[instance.mask].astype(float)
+            assert inside.std(axis=0).max() < 3 * DEMO.noise_std[1]  # no texture beyond pixel noise
+    assert max(counts) <= DEMO.max_shapes and min(counts) >= 1
+    assert min(areas) >= DEMO.min_visible_fraction * DEMO.size_class_areas["small"][0] * 0.9
+    assert set(DEMO.background_patterns) < set(STUDY.background_patterns)
+
+
+def test_demo_splits_are_registered_under_their_own_names_and_folders(tmp_path, restore_default_registration):
+    register_shapes_demo_dataset(tmp_path, train_images=3, val_images=2)
+    records = DatasetCatalog.get(SHAPES_DEMO_VAL)
+    assert len(records) == 2 and all(r["file_name"].startswith(str(tmp_path / "demo_val")) for r in records)
+    manifest = json.loads((tmp_path / "demo_val" / "manifest.json").read_text())
+    assert manifest["params"]["style"] == "demo"
+    assert MetadataCatalog.get(SHAPES_DEMO_TRAIN).thing_classes == list(SHAPE_CATEGORIES)
+    assert not (tmp_path / "train").exists() and not (tmp_path / "val").exists()  # study splits untouched

@@ -1,4 +1,4 @@
-"""MovingAverageBatchNorm2d and weight centralisation: official trajectory and cbn_mabn.md C.2 oracles."""
+"""MovingAverageBatchNorm2d and weight centralisation: official trajectory and properties from the MABN paper."""
 import copy
 import io
 import json
@@ -132,7 +132,7 @@ def test_replays_official_eval_output_and_final_weight(replay, name):
 
 
 # ---------------------------------------------------------------------------------------------
-# C.2 oracles
+# Properties from the MABN paper
 # ---------------------------------------------------------------------------------------------
 def test_warmup_forward_normalises_by_the_second_moment_without_centring():
     layer = MovingAverageBatchNorm2d(3).double()
@@ -281,7 +281,7 @@ def test_forward_without_backward_updates_forward_state_only():
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight centralisation (C.2.10)
+# Weight centralisation
 # ---------------------------------------------------------------------------------------------
 def make_conv(kind, **kwargs):
     torch.manual_seed(0)

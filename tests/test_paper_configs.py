@@ -1,8 +1,8 @@
 """The paper configs under ``configs/`` say what the papers did, build, and train.
 
-Specification: cbn_mabn.md §A.3, §A.9 (CBN), §B.7-B.8 (MABN) and the MABN paper's App. B.3 (batch
-statistics in the heads for the first 10,000 iterations); detectron2.md §5 and §7 (detectron2
-baselines, "Rethinking 'Batch' in BatchNorm"). Every config trains 2 images per GPU on 8 GPUs.
+Specification: the official configs of Howal/Cross-iterationBatchNorm (CBN) and megvii-model/MABN
+(MABN), the MABN paper's App. B.3 (batch statistics in the heads for the first 10,000 iterations),
+detectron2's configs and projects/Rethinking-BatchNorm ("Rethinking 'Batch' in BatchNorm"). Every config trains 2 images per GPU on 8 GPUs.
 """
 import importlib.util
 import math

@@ -294,3 +294,26 @@ def test_two_ranks_end_with_identical_statistics_of_the_union_of_their_data(tmp_
     expected = _exact_statistics(model, union)
     model.load_state_dict(states[0])
     _assert_population_statistics(model, expected)
+
+
+class _DetectronStyleModel(nn.Module):
+    """Takes detectron2 batches (lists of dataset dicts) like GeneralizedRCNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(3)
+
+    def forward(self, batch):
+        return self.norm(torch.stack([d["image"].float() for d in batch]))
+
+
+def test_a_test_loader_without_ground_truth_is_rejected_naming_the_training_loader():
+    model = _DetectronStyleModel()
+    before = copy.deepcopy(model.state_dict())
+    test_batches = [[{"image": torch.rand(3, 4, 4), "height": 4, "width": 4, "image_id": 1}]]
+    with pytest.raises(ValueError, match="build_detection_train_loader"):
+        recalibrate(model, test_batches, 1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    train_batches = [[{"image": torch.rand(3, 4, 4), "instances": None}]]
+    recalibrate(model, train_batches, 1)

@@ -3,7 +3,7 @@
 
 1. A conv3x3 + norm block, forward + backward per step: ``nn.BatchNorm2d``, d2norm's CBN (window k,
    past burn-in, bound to its conv by ``d2norm.prepare_model``), MABN (past warm-up, weight-centralised
-   conv) and an official-style CBN written here from cbn_mabn.md §A.4.1/§A.7 (two ``autograd.grad``
+   conv) and an official-style CBN written here after Howal/Cross-iterationBatchNorm's CBN.py (two ``autograd.grad``
    calls per step; a weight copy and two weight-sized gradients kept per past iteration).
 2. One Mask R-CNN R50-FPN training step (forward, backward, SGD step) on a synthetic batch of two
    images, with BN, CBN or MABN in the FPN, the 4conv1fc box head and the mask head.
@@ -112,13 +112,18 @@ def timed(forward, backward, device):
     return time.perf_counter() - start
 
 
+def progress(message):
+    """One progress line on stderr (the report itself goes to stdout)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ---------------------------------------------------------------------------- official-style CBN
 class OfficialStyleCrossIterationBN(nn.Module):
-    """Baseline with the official CBN's bookkeeping (cbn_mabn.md §A.4.1, §A.7), for cost comparison.
+    """Baseline with the official CBN's bookkeeping (Howal/Cross-iterationBatchNorm CBN.py), for cost comparison.
 
     Each training step takes d mean/dW and d mean(x²)/dW by two ``torch.autograd.grad`` calls on the
     retained graph, compensates every stored iteration by ``<G_old, W_t - W_old>_c``, pools the
@@ -235,13 +240,17 @@ def run_block_benchmark(args, device):
         x.grad = None
 
     times = {name: [] for name in blocks}
-    for i in range(args.warmup + args.repeats):
+    rounds = args.warmup + args.repeats
+    for i in range(rounds):
+        progress(f"block: round {i + 1}/{rounds} ({'warm-up' if i < args.warmup else 'measured'}), "
+                 f"one step each of {', '.join(blocks)}")
         for name, block in blocks.items():
             seconds = timed(lambda: block(x), backward, device)
             update(block)
             if i >= args.warmup:
                 times[name].append(seconds)
     results = {}
+    progress("block: one more step each for peak memory")
     for name, block in blocks.items():
         after_forward, peak = step_memory(lambda: block(x), backward, device)
         update(block)
@@ -333,6 +342,7 @@ def run_detector_benchmark(args, device):
     from detectron2.utils.events import EventStorage
 
     norms = tuple(NORM_TYPES)
+    progress(f"detector: building Mask R-CNN with {', '.join(norms)}")
     models = {norm: build_detector(norm, args, device) for norm in norms}
     cfg = models["BN"][0]
     batch = synthetic_batch(args.detector_size, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
@@ -356,11 +366,15 @@ def run_detector_benchmark(args, device):
     times = {norm: [] for norm in norms}
     memory = {}
     with EventStorage(0):  # detectron2's losses log into it
-        for i in range(args.detector_warmup + args.detector_steps):
+        rounds = args.detector_warmup + args.detector_steps
+        for i in range(rounds):
+            progress(f"detector: round {i + 1}/{rounds} ({'warm-up' if i < args.detector_warmup else 'measured'}), "
+                     f"one training step each of {', '.join(norms)}")
             for norm, (forward, backward) in steps.items():
                 seconds = timed(forward, backward, device)
                 if i >= args.detector_warmup:
                     times[norm].append(seconds)
+        progress("detector: one more step each for peak memory")
         for norm, (forward, backward) in steps.items():
             memory[norm] = step_memory(forward, backward, device)
     results = {}

@@ -10,6 +10,7 @@ import logging
 import os
 import weakref
 
+import d2norm  # noqa: F401  (first: registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers, and silences detectron2's import-time warnings)
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
@@ -18,10 +19,10 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import d2norm  # registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers
 from d2norm import add_d2norm_config, validate_d2norm_config
 from d2norm.checkpoint import Checkpointer
 from d2norm.config import scale_norm_iterations
+from d2norm.cpu_threads import set_default_cpu_threads
 from d2norm.distributed import cpu_ddp_compatible, launch
 from d2norm.evaluation import fast_coco_eval_available
 from d2norm.hooks import build_norm_hooks, recalibration_loader
@@ -106,6 +107,7 @@ def setup(args):
     logger = logging.getLogger("d2norm")
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("No CUDA device: training and evaluating on the CPU")
+        set_default_cpu_threads(cfg, comm.get_local_size())
     if comm.get_world_size() > 1:
         logger.info(f"Distributed backend: {torch.distributed.get_backend()}")
     return cfg
@@ -148,6 +150,7 @@ def main(args):
 def invoke_main():
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    setup_logger(name="d2norm.distributed", abbrev_name="d2norm")  # the launcher's own log line (CPU/gloo)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
 

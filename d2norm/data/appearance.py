@@ -6,7 +6,7 @@ checkerboard or smooth noise), so backgrounds and instances share one small voca
 import cv2
 import numpy as np
 
-__all__ = ["background", "instance_fill", "contrasting_colour"]
+__all__ = ["PATTERNS", "background", "instance_fill", "contrasting_colour"]
 
 _COLOUR_CANDIDATES = 8  # random colours tried per instance; the most contrasting one wins
 _FILL_VARIATION = 40.0  # std of the second colour of a textured fill around the first
@@ -42,7 +42,7 @@ def _smooth_noise(rng, size):
     return np.clip(cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
 
 
-_BACKGROUND_PATTERNS = (_gradient, _stripes, _checkerboard, _smooth_noise)
+PATTERNS = {"gradient": _gradient, "stripes": _stripes, "checkerboard": _checkerboard, "smooth_noise": _smooth_noise}
 _FILL_PATTERNS = (_gradient, _stripes)
 
 
@@ -54,9 +54,9 @@ def _random_colour(rng):
     return rng.uniform(0.0, 255.0, size=3).astype(np.float32)
 
 
-def background(rng, size):
-    """A float32 (size, size, 3) textured background in [0, 255]."""
-    pattern = _BACKGROUND_PATTERNS[rng.integers(len(_BACKGROUND_PATTERNS))]
+def background(rng, size, patterns):
+    """A float32 (size, size, 3) background in [0, 255], textured by one of ``patterns`` (names)."""
+    pattern = PATTERNS[patterns[rng.integers(len(patterns))]]
     return _blend(pattern(rng, size), _random_colour(rng), _random_colour(rng))
 
 
@@ -68,9 +68,9 @@ def contrasting_colour(rng, canvas, mask):
     return candidates[int(np.argmax(distance))]
 
 
-def instance_fill(rng, size, colour):
-    """A float32 (size, size, 3) fill around ``colour``: solid half the time, else textured."""
-    if rng.random() < 0.5:
+def instance_fill(rng, size, colour, textured_probability):
+    """A float32 (size, size, 3) fill around ``colour``: textured with ``textured_probability``, else solid."""
+    if rng.random() < 1.0 - textured_probability:
         return np.broadcast_to(colour, (size, size, 3))
     pattern = _FILL_PATTERNS[rng.integers(len(_FILL_PATTERNS))]
     second = np.clip(colour + rng.normal(0.0, _FILL_VARIATION, size=3), 0.0, 255.0).astype(np.float32)

@@ -12,13 +12,17 @@ from detectron2.data.datasets import load_coco_json
 
 from .shapes import SHAPE_CATEGORIES
 from .splits import ensure_shapes_split, split_files
+from .styles import DEMO, STUDY, SceneStyle
 
 __all__ = [
-    "SHAPES_TRAIN", "SHAPES_VAL", "default_shapes_root", "register_shapes_split", "register_shapes_dataset",
+    "SHAPES_TRAIN", "SHAPES_VAL", "SHAPES_DEMO_TRAIN", "SHAPES_DEMO_VAL", "default_shapes_root",
+    "register_shapes_split", "register_shapes_dataset", "register_shapes_demo_dataset",
 ]
 
 SHAPES_TRAIN = "d2norm_shapes_train"
 SHAPES_VAL = "d2norm_shapes_val"
+SHAPES_DEMO_TRAIN = "d2norm_shapes_demo_train"
+SHAPES_DEMO_VAL = "d2norm_shapes_demo_val"
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
 
@@ -32,9 +36,9 @@ def default_shapes_root() -> Path:
 
 
 def register_shapes_split(
-    name: str, split_dir, num_images: int, seed: int = 0, image_size: int = 128
+    name: str, split_dir, num_images: int, seed: int = 0, image_size: int = 128, style: SceneStyle = STUDY
 ) -> None:
-    """Register ``name`` as a COCO-format split of ``num_images`` generated images in ``split_dir``.
+    """Register ``name`` as a COCO-format split of ``num_images`` generated images of ``style`` in ``split_dir``.
 
     Registering a name again replaces its previous registration.
     """
@@ -42,7 +46,7 @@ def register_shapes_split(
     files = split_files(split_dir)
 
     def load():
-        ensure_shapes_split(split_dir, num_images, seed=seed, image_size=image_size)
+        ensure_shapes_split(split_dir, num_images, seed=seed, image_size=image_size, style=style)
         return load_coco_json(str(files.json_file), str(files.image_root), name)
 
     if name in DatasetCatalog:
@@ -71,3 +75,11 @@ def register_shapes_dataset(
     root = Path(root) if root is not None else default_shapes_root()
     register_shapes_split(SHAPES_TRAIN, root / "train", train_images, seed=train_seed, image_size=image_size)
     register_shapes_split(SHAPES_VAL, root / "val", val_images, seed=val_seed, image_size=image_size)
+
+
+def register_shapes_demo_dataset(root=None, train_images: int = 1000, val_images: int = 100) -> None:
+    """Register the easy splits of the demo, ``d2norm_shapes_demo_train`` and ``d2norm_shapes_demo_val``
+    (:data:`~d2norm.data.styles.DEMO`), under ``root`` in its ``demo_train/`` and ``demo_val/`` folders."""
+    root = Path(root) if root is not None else default_shapes_root()
+    register_shapes_split(SHAPES_DEMO_TRAIN, root / "demo_train", train_images, seed=2, style=DEMO)
+    register_shapes_split(SHAPES_DEMO_VAL, root / "demo_val", val_images, seed=3, style=DEMO)

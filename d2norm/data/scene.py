@@ -12,21 +12,14 @@ import numpy as np
 
 from .appearance import background, contrasting_colour, instance_fill
 from .shapes import ASPECT_RANGES, SHAPE_CATEGORIES, ShapeSpec, area_per_squared_radius, rasterize
+from .styles import STUDY, SceneStyle
 
 __all__ = ["VisibleInstance", "sample_layout", "visible_instances", "paint", "random_scene"]
 
-# Whole-shape areas (pixels) per size class, log-uniform within the range. The class limits are
-# COCO's absolute small/medium/large thresholds (32², 96²) so that AP_s, AP_m and AP_l are all
-# populated; large shapes are capped by the image (MAX_RADIUS_FRACTION).
-SIZE_CLASS_AREAS = {"small": (40.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (110.0**2, 160.0**2)}
-LARGE_SHAPE_PROBABILITY = 0.25  # chance that an image starts with one large (background) shape
-SMALL_SHAPE_PROBABILITY = 0.5  # without a large shape, each shape is small with this chance, else medium
-MAX_SHAPES = 6
+# Sizes, counts, textures and occlusion limits come from a SceneStyle (d2norm.data.styles).
 MAX_RADIUS_FRACTION = 0.62  # circumradius cap relative to the image side
 BORDER_OVERHANG = 0.25  # at most this fraction of the circumradius may leave the image
-MIN_VISIBLE_FRACTION = 0.5
 MIN_VISIBLE_AREA = 16
-NOISE_STD = (2.0, 8.0)  # range of the per-image Gaussian pixel noise
 
 
 @dataclass
@@ -38,10 +31,10 @@ class VisibleInstance:
     full_area: int
 
 
-def _random_shape(rng, image_size, size_class):
+def _random_shape(rng, image_size, area_range):
     category = SHAPE_CATEGORIES[rng.integers(len(SHAPE_CATEGORIES))]
     aspect = rng.uniform(*ASPECT_RANGES[category])
-    low, high = SIZE_CLASS_AREAS[size_class]
+    low, high = area_range
     area = np.exp(rng.uniform(np.log(low), np.log(high)))
     radius = min(np.sqrt(area / area_per_squared_radius(category, aspect)), MAX_RADIUS_FRACTION * image_size)
     margin = min((1.0 - BORDER_OVERHANG) * radius, image_size / 2)
@@ -50,21 +43,21 @@ def _random_shape(rng, image_size, size_class):
     return ShapeSpec(category, (float(x), float(y)), float(radius), float(angle), float(aspect))
 
 
-def sample_layout(rng, image_size: int) -> List[ShapeSpec]:
+def sample_layout(rng, image_size: int, style: SceneStyle = STUDY) -> List[ShapeSpec]:
     """Shapes of one image in painting order: either one large shape with small shapes on top
     (so that it stays mostly visible), or a mix of small and medium shapes."""
-    count = int(rng.integers(1, MAX_SHAPES + 1))
-    if rng.random() < LARGE_SHAPE_PROBABILITY:
+    count = int(rng.integers(1, style.max_shapes + 1))
+    if rng.random() < style.large_shape_probability:
         classes = ["large"] + ["small"] * (count - 1)
     else:
-        classes = ["small" if rng.random() < SMALL_SHAPE_PROBABILITY else "medium" for _ in range(count)]
-    return [_random_shape(rng, image_size, size_class) for size_class in classes]
+        classes = ["small" if rng.random() < style.small_shape_probability else "medium" for _ in range(count)]
+    return [_random_shape(rng, image_size, style.size_class_areas[size_class]) for size_class in classes]
 
 
 def visible_instances(
     specs: Sequence[ShapeSpec],
     image_size: int,
-    min_visible_fraction: float = MIN_VISIBLE_FRACTION,
+    min_visible_fraction: float = STUDY.min_visible_fraction,
     min_visible_area: int = MIN_VISIBLE_AREA,
 ) -> Tuple[List[np.ndarray], List[VisibleInstance]]:
     """Whole masks of ``specs`` (painting order) and the instances that stay annotated."""
@@ -80,19 +73,19 @@ def visible_instances(
     return [mask for mask, _ in rendered], kept[::-1]
 
 
-def paint(rng, masks: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+def paint(rng, masks: Sequence[np.ndarray], image_size: int, style: SceneStyle = STUDY) -> np.ndarray:
     """A uint8 (H, W, 3) image: textured background, then each mask filled in order, then noise."""
-    canvas = background(rng, image_size)
+    canvas = background(rng, image_size, style.background_patterns)
     for mask in masks:
         if mask.any():
             colour = contrasting_colour(rng, canvas, mask)
-            canvas[mask] = instance_fill(rng, image_size, colour)[mask]
-    canvas += rng.normal(0.0, rng.uniform(*NOISE_STD), size=canvas.shape).astype(np.float32)
+            canvas[mask] = instance_fill(rng, image_size, colour, style.textured_fill_probability)[mask]
+    canvas += rng.normal(0.0, rng.uniform(*style.noise_std), size=canvas.shape).astype(np.float32)
     return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
 
 
-def random_scene(rng, image_size: int) -> Tuple[np.ndarray, List[VisibleInstance]]:
-    """One image and its annotated instances."""
-    specs = sample_layout(rng, image_size)
-    masks, instances = visible_instances(specs, image_size)
-    return paint(rng, masks, image_size), instances
+def random_scene(rng, image_size: int, style: SceneStyle = STUDY) -> Tuple[np.ndarray, List[VisibleInstance]]:
+    """One image of ``style`` and its annotated instances."""
+    specs = sample_layout(rng, image_size, style)
+    masks, instances = visible_instances(specs, image_size, style.min_visible_fraction)
+    return paint(rng, masks, image_size, style), instances

@@ -26,6 +26,7 @@ from iopath.common.file_io import file_lock
 from .coco_format import instance_annotation
 from .scene import random_scene
 from .shapes import SHAPE_CATEGORIES
+from .styles import STUDY, SceneStyle
 
 __all__ = ["GENERATOR_VERSION", "SplitFiles", "split_files", "generate_shapes_split", "ensure_shapes_split"]
 
@@ -47,8 +48,11 @@ def split_files(split_dir) -> SplitFiles:
     return SplitFiles(split_dir / "instances.json", split_dir / "images", split_dir / "manifest.json")
 
 
-def _params(num_images, seed, image_size):
-    return {"version": GENERATOR_VERSION, "num_images": num_images, "seed": seed, "image_size": image_size}
+def _params(num_images, seed, image_size, style):
+    params = {"version": GENERATOR_VERSION, "num_images": num_images, "seed": seed, "image_size": image_size}
+    if style != STUDY:  # study splits keep the manifest (and json) they had before styles existed
+        params["style"] = style.name
+    return params
 
 
 def _sha256(data: bytes) -> str:
@@ -61,8 +65,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def generate_shapes_split(split_dir, num_images: int, seed: int = 0, image_size: int = 128) -> SplitFiles:
-    """Draw ``num_images`` images of ``image_size`` pixels into ``split_dir`` (replacing its content)."""
+def generate_shapes_split(
+    split_dir, num_images: int, seed: int = 0, image_size: int = 128, style: SceneStyle = STUDY
+) -> SplitFiles:
+    """Draw ``num_images`` images of ``image_size`` pixels and ``style`` into ``split_dir`` (replacing its content)."""
     num_images, seed, image_size = int(num_images), int(seed), int(image_size)
     files = split_files(split_dir)
     files.manifest.unlink(missing_ok=True)
@@ -70,7 +76,7 @@ def generate_shapes_split(split_dir, num_images: int, seed: int = 0, image_size:
     files.image_root.mkdir(parents=True)
     digests, images, annotations = {}, [], []
     for index in range(num_images):
-        image, instances = random_scene(np.random.default_rng([seed, index]), image_size)
+        image, instances = random_scene(np.random.default_rng([seed, index]), image_size, style)
         file_name = f"{index:06d}.png"
         encoded = cv2.imencode(".png", image)[1].tobytes()
         (files.image_root / file_name).write_bytes(encoded)
@@ -81,7 +87,7 @@ def generate_shapes_split(split_dir, num_images: int, seed: int = 0, image_size:
             annotation = instance_annotation(instance.mask, category_id)
             if annotation is not None:
                 annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **annotation})
-    params = _params(num_images, seed, image_size)
+    params = _params(num_images, seed, image_size, style)
     coco = {
         "info": {"description": "d2norm built-in shapes dataset", **params},
         "images": images,
@@ -118,13 +124,15 @@ def _cache_problem(split_dir, params):
     return None
 
 
-def ensure_shapes_split(split_dir, num_images: int, seed: int = 0, image_size: int = 128) -> SplitFiles:
+def ensure_shapes_split(
+    split_dir, num_images: int, seed: int = 0, image_size: int = 128, style: SceneStyle = STUDY
+) -> SplitFiles:
     """The split in ``split_dir``, generated first if missing, corrupt or made with other parameters."""
     with file_lock(str(Path(split_dir))):
-        problem = _cache_problem(split_dir, _params(int(num_images), int(seed), int(image_size)))
+        problem = _cache_problem(split_dir, _params(int(num_images), int(seed), int(image_size), style))
         if problem is None:
             return split_files(split_dir)
         first_use = not split_files(split_dir).manifest.exists()
         level = logging.INFO if first_use else logging.WARNING
         logger.log(level, "Generating shapes split %s: %s", split_dir, problem)
-        return generate_shapes_split(split_dir, num_images, seed=seed, image_size=image_size)
+        return generate_shapes_split(split_dir, num_images, seed=seed, image_size=image_size, style=style)

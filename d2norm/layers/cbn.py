@@ -3,7 +3,7 @@
 A conv output is normalised with per-channel statistics pooled over the current training iteration
 and the previous ``window - 1`` ones. Each past statistic was computed with older conv weights, so it
 is first moved to the current weights ``W_t`` by a first-order Taylor step through the conv that
-feeds the layer (cbn_mabn.md A.1, A.4):
+feeds the layer (CBN paper, Sec. 3.2; official ``mmdet/models/utils/CBN.py``):
 
     mean~ = mean_old + <d mean/dW, W_t - W_old>_c          (exact: the mean is linear in W)
     var~  = var_old  + <d var/dW,  W_t - W_old>_c - (mean~ - mean_old)^2
@@ -11,13 +11,13 @@ feeds the layer (cbn_mabn.md A.1, A.4):
 which is the official code's compensated mean-of-squares rewritten with the biased variance, so
 that nothing cancels at the scale of mean^2. Per channel, past entries with ``var~ < 0`` are left out
 and the rest are averaged with the current batch (equal weight per iteration). The gradient flows
-through the current batch only (A.5).
+through the current batch only (official ``CBatchNorm2d.forward`` detaches the past).
 
-Conventions (decisions.md §3): textbook BN inside the layer (biased variance, eps inside the square
+Conventions: textbook BN inside the layer (biased variance, eps inside the square
 root), so burn-in and ``window=1`` are exactly ``nn.BatchNorm2d``; running statistics come from the
 current batch as in ``nn.BatchNorm2d``. Unlike the official code, the current batch always counts
 (its variance is non-negative by construction, so the count is never 0) and a non-finite past
-entry is dropped rather than propagated. Efficient bookkeeping (A.7): per past iteration the layer keeps
+entry is dropped rather than propagated. Efficient bookkeeping (CBN paper, Sec. 3.3): per past iteration the layer keeps
 the mean input patch (one per conv group), d var/dW (one weight-sized tensor), and the per-channel
 scalars ``<d stat/dW, W_old>`` in place of a weight snapshot, all in fixed-size ring buffers.
 
@@ -55,7 +55,7 @@ _WINDOW_STATE = (
 
 def conv_statistic_gradients(conv_input, conv_output, mean, weight_shape, stride, padding, dilation, groups):
     """Per-output-channel derivatives of the batch mean and biased variance of a conv output w.r.t.
-    the conv weight, without autograd (cbn_mabn.md A.7).
+    the conv weight, without autograd (CBN paper, Sec. 3.3: only the diagonal blocks are non-zero).
 
     ``conv_output = conv2d(conv_input, W, stride, padding, dilation, groups)`` (a bias changes
     nothing) and ``mean`` is its per-channel mean. Both Jacobians are block-diagonal over output
@@ -95,7 +95,7 @@ def _weight_grad_dot_weight(weight_grad, weight):
 
 
 class _CrossIterationBatchNormFunction(torch.autograd.Function):
-    """Normalise with the current batch's statistics pooled with fixed past ones (A.4 step 4, A.5)."""
+    """Normalise with the current batch's statistics pooled with fixed past ones (official ``CBatchNorm2d.forward``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, past_mean, past_var, past_valid, eps):
@@ -123,7 +123,7 @@ class _CrossIterationBatchNormFunction(torch.autograd.Function):
         sum_g_x_hat = (g * x_hat).sum(REDUCE_DIMS)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            # BN backward with both batch-statistic terms divided by the valid count (A.5).
+            # BN backward with both batch-statistic terms divided by the valid count.
             per_batch = count * (x.numel() // x.shape[1])
             scale = inv_std if weight is None else inv_std * weight.to(dtype)
             grad_x = per_channel(scale) * (
@@ -158,7 +158,7 @@ def cross_iteration_batch_norm(x, weight, bias, mean, var, past_mean, past_var, 
 
 
 class CrossIterationBatchNorm2d(nn.BatchNorm2d):
-    """Cross-Iteration BatchNorm over the conv that feeds it (cbn_mabn.md Part A, decisions.md §3).
+    """Cross-Iteration BatchNorm over the conv that feeds it (Yao et al., CVPR 2021; Howal/Cross-iterationBatchNorm).
 
     Args:
         num_features: C, the channel count.
@@ -309,7 +309,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         )
 
     def _compensated_history(self, weight, groups):
-        """Past statistics moved to ``weight`` (A.4 step 3) and their per-channel validity (step 4)."""
+        """Past statistics moved to ``weight`` (the Taylor step of the module docstring) and their per-channel validity."""
         dtype = weight.dtype
         mean_shift = _mean_patch_dot_weight(self.history_mean_grad.to(dtype), weight, groups)
         mean_shift = mean_shift - self.history_mean_grad_dot_weight.to(dtype)
@@ -321,8 +321,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         return mean, var, filled[:, None] & (var >= 0)
 
     def _push_history(self, conv, conv_input, conv_output, mean, var, weight, finite):
-        """Write the current iteration into the ring buffer (A.4 step 5, stored as in A.7) if ``finite``
-        (a 0-dim bool tensor); otherwise the slot keeps its value and the ring does not move."""
+        """Write the current iteration into the ring buffer (stored as the module docstring describes)
+        if ``finite`` (a 0-dim bool tensor); otherwise the slot keeps its value and the ring does not move."""
         mean_grad, var_grad = conv_statistic_gradients(
             conv_input, conv_output, mean, weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups
         )

@@ -1,6 +1,6 @@
 """MABN: Moving Average Batch Normalization (Yan et al., ICLR 2020, arXiv 2001.06838).
 
-Official detection variant (decisions.md §3; cbn_mabn.md B.2-B.4): no mean-centring — x is divided
+Official detection variant (megvii-model/MABN ``det/maskrcnn_benchmark/layers/MABN.py``, same as ``MABN.py``): no mean-centring — x is divided
 by the root of its per-channel second moment χ = mean(x²); the forward statistic is the simple
 moving average (SMAS) of χ over the last m iterations, renormalised towards the exponential moving
 average (EMAS) ``running_var`` by a clipped factor r (BRN-style); the backward replaces the batch
@@ -28,7 +28,7 @@ def _channel_affine(x, scale, shift):
 
 
 class _MovingAverageNormFunction(torch.autograd.Function):
-    """out = γ·r·x/√(var+eps) + β with MABN's backward (cbn_mabn.md B.3).
+    """out = γ·r·x/√(var+eps) + β with MABN's backward (official ``BatchNormFunction.backward``).
 
     Backward, with z = x/√(var+eps) and g = G·γ·r (r a constant, as in batch renormalisation):
     Ψ = mean_{N,H,W}(g·z) is written to ``buffer_gz[slot]`` (only where finite, so a loss-scaler
@@ -71,7 +71,7 @@ class _MovingAverageNormFunction(torch.autograd.Function):
 
 
 class MovingAverageBatchNorm2d(nn.Module):
-    """Moving Average Batch Normalization for (N, C, H, W) inputs (cbn_mabn.md B.2-B.4).
+    """Moving Average Batch Normalization for (N, C, H, W) inputs (Yan et al., ICLR 2020; megvii-model/MABN).
 
     Training step t (1-based count of training forwards, the buffer ``iters``):
 
@@ -182,7 +182,7 @@ class MovingAverageBatchNorm2d(nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def _advance_statistics(self, x):
-        """Step t: write χ_t, choose var (batch or SMAS), compute r, update the EMA (B.2 steps 1-8).
+        """Step t: write χ_t, choose var (batch or SMAS), compute r, update the EMA (official ``MABN2d.forward``).
 
         All schedule decisions stay on the device (no host synchronisation). A non-finite χ
         advances nothing: ``iters`` stays, so its slot is rewritten with its own value.

@@ -1,4 +1,4 @@
-"""Weight centralisation for the convs that feed MABN (cbn_mabn.md B.5, the paper's CenConv2d).
+"""Weight centralisation for the convs that feed MABN (MABN paper, Sec. 4.3; official ``CenConv2d`` in megvii-model/MABN).
 
 MABN normalises by the second moment and never subtracts a mean; instead every conv that feeds it
 uses a zero-mean filter per output channel, W̃[c] = W[c] − mean_{i,u,v} W[c, i, u, v], recomputed in
