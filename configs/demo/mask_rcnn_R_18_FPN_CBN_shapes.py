@@ -1,7 +1,7 @@
 # LazyConfig twin of mask_rcnn_R_18_FPN_CBN_shapes.yaml (the demo): the same model, data, solver and
 # D2NORM settings, written as a Python config. Train it with
 #   python tools/lazyconfig_train_net.py --config-file configs/demo/mask_rcnn_R_18_FPN_CBN_shapes.py
-# ResNet-18-FPN Mask R-CNN from scratch on the built-in shapes dataset (128-pixel images, 2 per
+# ResNet-18-FPN Mask R-CNN from scratch on the built-in demo shapes split (128-pixel images, 2 per
 # batch); CBN (window 4, 100 burn-in iterations) in the FPN, the box head and the mask head, as in
 # the CBN paper, GroupNorm in the backbone.
 from detectron2.config import LazyCall as L
@@ -33,13 +33,17 @@ model.backbone.bottom_up.freeze_at = 0
 model.backbone.out_channels = 64
 model.backbone.norm = "CBN"
 model.proposal_generator.head.in_channels = 64
-model.proposal_generator.anchor_generator.sizes = [[8], [16], [32], [64], [128]]
+# Three anchor sizes per octave, RPN positives at IoU 0.6 (Base-Demo-Shapes-easy.yaml explains why).
+model.proposal_generator.anchor_generator.sizes = [
+    [8, 10, 13], [16, 20, 25], [32, 40, 51], [64, 81, 102], [128, 161, 203]]
+model.proposal_generator.head.num_anchors = 9
+model.proposal_generator.anchor_matcher.thresholds = [0.3, 0.6]
 model.proposal_generator.batch_size_per_image = 128
 model.proposal_generator.pre_nms_topk = (1000, 500)
 model.proposal_generator.post_nms_topk = (500, 250)
 # Heads: 2conv1fc box head and 2-conv mask head with CBN, 64 channels, 5 classes.
 model.roi_heads.num_classes = 5
-model.roi_heads.batch_size_per_image = 128
+model.roi_heads.batch_size_per_image = 64
 model.roi_heads.box_head.input_shape = ShapeSpec(channels=64, height=7, width=7)
 model.roi_heads.box_head.conv_dims = [64, 64]
 model.roi_heads.box_head.fc_dims = [256]
@@ -52,7 +56,7 @@ model.roi_heads.mask_head.conv_norm = "CBN"
 
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="d2norm_shapes_train"),
+    dataset=L(get_detection_dataset_dicts)(names="d2norm_shapes_demo_train"),
     mapper=L(DatasetMapper)(
         is_train=True,
         augmentations=[
@@ -66,7 +70,7 @@ dataloader.train = L(build_detection_train_loader)(
     num_workers=1,
 )
 dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="d2norm_shapes_val", filter_empty=False),
+    dataset=L(get_detection_dataset_dicts)(names="d2norm_shapes_demo_val", filter_empty=False),
     mapper=L(DatasetMapper)(
         is_train=False,
         augmentations=[L(T.ResizeShortestEdge)(short_edge_length=128, max_size=128)],
@@ -82,6 +86,7 @@ dataloader.evaluator = L(COCOEvaluator)(
 optimizer = SGD
 lr_multiplier = multi_step_lr(steps=(1600, 1850), max_iter=2000, warmup_iters=100, warmup_factor=0.001)
 train = train_options(max_iter=2000, output_dir="output/demo_lazy", checkpoint_period=500)
+train.seed = 0
 
 d2norm = get_d2norm_config()
 d2norm.CBN.WINDOW = 4
