@@ -168,6 +168,12 @@ class MovingAverageBatchNorm2d(nn.Module):
             return _channel_affine(x, scale, torch.zeros_like(scale))
         return _channel_affine(x, self.weight * scale, self.bias)
 
+    def schedule(self, iters):
+        """``(use_smas, renormalize)`` at training step ``iters`` (a tensor): whether the forward
+        statistic is the SMAS (warm-up over) and whether r is clipped rather than fixed to 1."""
+        use_smas = (iters > self.buffer_size) & (iters >= self.warmup_iters)
+        return use_smas, iters > max(self.renorm_free_iters, self.warmup_iters)
+
     @torch.no_grad()
     def _advance_statistics(self, x):
         """Step t: write χ_t, choose var (batch or SMAS), compute r, update the EMA (B.2 steps 1-8).
@@ -178,11 +184,10 @@ class MovingAverageBatchNorm2d(nn.Module):
         self.iters += 1
         slot = (self.iters % self.buffer_size).view(1)
         self.buffer_x2.index_copy_(0, slot, chi.to(self.buffer_x2.dtype)[None])
-        use_smas = (self.iters > self.buffer_size) & (self.iters >= self.warmup_iters)
+        use_smas, renormalize = self.schedule(self.iters)
         var = torch.where(use_smas, self.buffer_x2.mean(dim=0).to(chi.dtype), chi)
         running_var = self.running_var.to(chi.dtype)
         ratio = torch.sqrt(var + self.eps) / torch.sqrt(running_var + self.eps)
-        renormalize = self.iters > max(self.renorm_free_iters, self.warmup_iters)
         r = torch.where(renormalize, ratio.clamp(1.0 / self.rmax, self.rmax), torch.ones_like(ratio))
         self.running_var.copy_(self.ema_decay * running_var + (1.0 - self.ema_decay) * var)
         return var, r, slot, use_smas
