@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""COCO AP of trained checkpoints after recalibration in the training regime vs the inference regime.
+
+For each checkpoint directory (``config.yaml`` and ``model_final.pth``, as tools/train_net.py
+writes them), the model is recalibrated from the checkpoint twice on the same training batches —
+``d2norm.recalibrate`` (upstream layers use batch statistics; PreciseBN, "Rethinking 'Batch' in
+BatchNorm" Sec. 3) and ``d2norm.inference_regime.recalibrate_in_inference_regime`` (upstream layers
+use the population statistics, iterated to a fixed point) — and evaluated (COCO box and mask AP)
+on the config's first test set. Prints a markdown table, one row per checkpoint, and the mean
+difference per norm.
+
+    python tools/compare_recalibration.py output/study/*/ --num-iter 50
+"""
+import argparse
+import copy
+import json
+import logging
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.utils.env import seed_all_rng
+
+import d2norm
+from d2norm.inference_regime import recalibrate_in_inference_regime
+
+NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", help="directories with config.yaml and model_final.pth")
+    parser.add_argument("--num-iter", type=int, help="recalibration batches (default: D2NORM.PRECISE_BN.NUM_ITER)")
+    parser.add_argument("--max-passes", type=int, default=8, help="inference regime: at most this many passes")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="inference regime: stop below this change")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the recalibration batches")
+    parser.add_argument("--json", help="also write the rows to this file")
+    return parser.parse_args(argv)
+
+
+def load_config(directory):
+    """The checkpoint's config (keys this d2norm does not know are kept), on the CPU without CUDA."""
+    cfg = get_cfg()
+    d2norm.add_d2norm_config(cfg)
+    cfg.set_new_allowed(True)
+    cfg.merge_from_file(str(Path(directory) / "config.yaml"))
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.DATALOADER.NUM_WORKERS = 0
+    return cfg
+
+
+def norm_label(cfg):
+    """``"CBN"`` when one norm is used throughout, else backbone/FPN/box head/mask head norms."""
+    norms = [cfg.MODEL[key].NORM or "none" for key in NORM_KEYS]
+    return norms[0] if len(set(norms)) == 1 else "/".join(norms)
+
+
+def evaluate(cfg, model):
+    """COCO box and mask AP on the first test set."""
+    dataset = cfg.DATASETS.TEST[0]
+    evaluator = COCOEvaluator(dataset, output_dir=None, use_fast_impl=False)
+    results = inference_on_dataset(model, build_detection_test_loader(cfg, dataset), evaluator)
+    return {task: results[task]["AP"] for task in ("bbox", "segm") if task in results}
+
+
+def compare(directory, num_iter=None, max_passes=8, tolerance=0.01, seed=0):
+    """One row: AP after each regime's recalibration, passes and seconds of the inference regime."""
+    cfg = load_config(directory)
+    num_iter = num_iter or cfg.D2NORM.PRECISE_BN.NUM_ITER
+    trained = d2norm.build_model(cfg)
+    DetectionCheckpointer(trained).load(str(Path(directory) / "model_final.pth"))
+    seed_all_rng(seed)
+    loader = iter(build_detection_train_loader(cfg))
+    batches = [next(loader) for _ in range(num_iter)]
+    row = {"checkpoint": str(directory), "norm": norm_label(cfg), "seed": cfg.SEED, "num_iter": num_iter}
+    for regime in ("training", "inference"):
+        model = copy.deepcopy(trained)
+        start = time.perf_counter()
+        if regime == "training":
+            d2norm.recalibrate(model, batches, num_iter)
+        else:
+            row["passes"], row["last_change"] = recalibrate_in_inference_regime(
+                model, batches, num_iter, max_passes, tolerance)
+        row[f"{regime}_s"] = time.perf_counter() - start
+        for task, ap in evaluate(cfg, model).items():
+            row[f"{regime}_{task}_ap"] = ap
+    return row
+
+
+def _cell(row, key):
+    value = row.get(key)
+    return "–" if value is None else f"{value:.2f}"
+
+
+def markdown_table(rows):
+    lines = [
+        "| checkpoint | norm | box AP, training regime | box AP, inference regime | mask AP, training regime "
+        "| mask AP, inference regime | passes | recalibration s (training / inference) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {Path(r['checkpoint']).name} | {r['norm']} | {_cell(r, 'training_bbox_ap')} | "
+            f"{_cell(r, 'inference_bbox_ap')} | {_cell(r, 'training_segm_ap')} | {_cell(r, 'inference_segm_ap')} | "
+            f"{r['passes']} | {r['training_s']:.0f} / {r['inference_s']:.0f} |"
+        )
+    by_norm = defaultdict(list)
+    for r in rows:
+        for task in ("bbox", "segm"):
+            if f"training_{task}_ap" in r:
+                by_norm[(r["norm"], task)].append(r[f"inference_{task}_ap"] - r[f"training_{task}_ap"])
+    lines += ["", "| norm | AP | inference − training regime, mean (min, max) | checkpoints |", "|---|---|---:|---:|"]
+    for (norm, task), diffs in sorted(by_norm.items()):
+        lines.append(f"| {norm} | {'box' if task == 'bbox' else 'mask'} | "
+                     f"{statistics.mean(diffs):+.2f} ({min(diffs):+.2f}, {max(diffs):+.2f}) | {len(diffs)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    rows = [compare(d, args.num_iter, args.max_passes, args.tolerance, args.seed) for d in args.checkpoints]
+    print(markdown_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
