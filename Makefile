@@ -22,6 +22,7 @@ $(STAMP): requirements/cpu.txt setup.py tools/install_detectron2.py Makefile
 
 demo: setup
 	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
+	$(PY) tools/plot_norm_stats.py $(DEMO_OUTPUT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -22,3 +22,7 @@ def test_demo_trains_and_reaches_a_working_box_ap(tmp_path):
     results = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     box_ap = [r["bbox/AP"] for r in results if "bbox/AP" in r]
     assert box_ap and box_ap[-1] >= MIN_BOX_AP
+    # `make demo` then plots the norm statistics next to the checkpoints.
+    plot = subprocess.run([sys.executable, str(REPO / "tools" / "plot_norm_stats.py"), str(tmp_path)], cwd=REPO)
+    assert plot.returncode == 0
+    assert (tmp_path / "norm_stats_parts.png").is_file() and (tmp_path / "norm_stats_layers.png").is_file()

@@ -40,3 +40,11 @@ def test_metrics_without_norm_statistics_name_the_config_key(tmp_path):
         load_tool("plot_norm_stats").main([str(tmp_path)])
     with pytest.raises(SystemExit, match="metrics.json does not exist"):
         load_tool("plot_norm_stats").main([str(tmp_path / "missing")])
+
+
+def test_a_monitored_run_without_monitored_layers_has_nothing_to_plot(tmp_path, capsys):
+    """The GroupNorm demo: the monitor is on but no layer has population statistics."""
+    _write_metrics(tmp_path / "metrics.json", [{"iteration": 19, "total_loss": 2.0}])
+    (tmp_path / "config.yaml").write_text("D2NORM:\n  MONITOR:\n    ENABLED: true\n")
+    assert load_tool("plot_norm_stats").main([str(tmp_path)]) == []
+    assert "no norm statistics to plot" in capsys.readouterr().out

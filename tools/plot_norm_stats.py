@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 PART_ORDER = ("backbone", "fpn", "heads", "other")
 
@@ -45,12 +46,16 @@ def read_norm_metrics(metrics_file):
                 parts[fields[2]][fields[1]][iteration] = value
             elif fields[0] == "norm_layer" and fields[-1] == "inconsistency":
                 layers["/".join(fields[1:-1])][iteration] = value
-    if not parts:
-        raise SystemExit(
-            f"{metrics_file} has no norm statistics (keys 'norm/<part>/<metric>'): train with "
-            "D2NORM.MONITOR.ENABLED True (and a model with BN/CBN/MABN/PreciseBN layers)."
-        )
     return parts, layers
+
+
+def monitor_enabled(output_dir):
+    """``D2NORM.MONITOR.ENABLED`` of the run's config.yaml (False without one)."""
+    config_file = Path(output_dir) / "config.yaml"
+    if not config_file.is_file():
+        return False
+    cfg = yaml.safe_load(config_file.read_text()) or {}
+    return bool(cfg.get("D2NORM", {}).get("MONITOR", {}).get("ENABLED", False))
 
 
 def plot_parts(parts, path):
@@ -101,6 +106,14 @@ def main(argv=None):
     if not metrics_file.is_file():
         raise SystemExit(f"{metrics_file} does not exist: pass the OUTPUT_DIR of a training run.")
     parts, layers = read_norm_metrics(metrics_file)
+    if not parts:
+        if monitor_enabled(args.output_dir):  # e.g. the GroupNorm demo: nothing to monitor
+            print(f"{args.output_dir}: the model has no BN/CBN/MABN/PreciseBN layer; no norm statistics to plot.")
+            return []
+        raise SystemExit(
+            f"{metrics_file} has no norm statistics (keys 'norm/<part>/<metric>'): train with "
+            "D2NORM.MONITOR.ENABLED True."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "norm_stats_parts.png"]
     plot_parts(parts, written[0])
