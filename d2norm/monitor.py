@@ -156,7 +156,7 @@ class NormStatsProbe:
             self.stop()
 
     def _record(self, name, metric, value):
-        self._values[name][metric].append(value.float() if torch.is_tensor(value) else torch.tensor(value))
+        self._values[name][metric].append(value)  # a float or a 0-dim tensor, read in summaries()
 
     def _before_forward(self, name, layer, x):
         if not _updates_statistics(layer, x):  # needs the grad mode of the forward: not under no_grad
@@ -220,7 +220,7 @@ class NormStatsProbe:
         scalars, per_part = {}, defaultdict(lambda: defaultdict(list))
         for name, metrics in self._values.items():
             for metric, values in metrics.items():
-                value = torch.stack(values).mean().item()
+                value = sum(float(v) for v in values) / len(values)
                 per_part[model_part(name)][metric].append(value)
                 if metric == "inconsistency":
                     scalars[f"norm_layer/{name}/inconsistency"] = value
