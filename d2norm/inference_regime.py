@@ -12,8 +12,8 @@ the one it was trained in. Here the population statistics are the fixed point of
 
 A layer with no norm upstream gets its final statistics in pass 1, and a layer whose upstream
 norms are final gets its own in the next pass, so a chain of D norm layers is exact after D passes;
-in practice the change per pass falls fast, and the passes stop once no layer's statistics move by
-more than ``tolerance`` (the mean over channels of :func:`d2norm.monitor.normalization_gap`
+every pass draws the same random numbers (RoI sampling), and the passes stop once no layer's
+statistics move by more than ``tolerance`` (the mean over channels of :func:`d2norm.monitor.normalization_gap`
 between consecutive passes). Cost: one recalibration per pass, and the ``num_iters`` batches are
 held in memory.
 """
@@ -58,6 +58,15 @@ def _largest_change(before, after):
     return max(changes, default=0.0)
 
 
+def _repeatable_pass(model, batches, num_iters, seed):
+    """:func:`d2norm.recalibrate` with torch's RNG at ``seed``: every pass draws the same random
+    numbers (detectron2's proposal sampling), so passes differ only by the statistics they use."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        recalibrate(model, batches, num_iters)
+
+
 @torch.no_grad()
 def recalibrate_in_inference_regime(model, data_loader, num_iters, max_passes=8, tolerance=0.01):
     """Set population statistics so that each layer's match its inputs under inference-time upstream layers.
@@ -75,14 +84,15 @@ def recalibrate_in_inference_regime(model, data_loader, num_iters, max_passes=8,
     if max_passes < 1:
         raise ValueError(f"max_passes must be >= 1, got {max_passes}")
     batches = list(itertools.islice(data_loader, num_iters))
-    recalibrate(model, batches, num_iters)
+    seed = int(torch.randint(2**31 - 1, ()))
+    _repeatable_pass(model, batches, num_iters, seed)
     layers = [layer for _, layer in population_norm_layers(model) if layer.training or not model.training]
     passes, change = 1, 0.0
     while passes < max_passes:
         before = population_statistics(model)
         handles = [layer.register_forward_hook(_apply_eval_affine(_eval_affine(layer))) for layer in layers]
         try:
-            recalibrate(model, batches, num_iters)
+            _repeatable_pass(model, batches, num_iters, seed)
         finally:
             for handle in handles:
                 handle.remove()
