@@ -1,6 +1,8 @@
 """tools/compare_recalibration.py on a tiny trained detector: both regimes recalibrate and evaluate."""
 import math
 
+import pytest
+
 from test_train_net import DEMO_BASE, parse, tiny_opts, tiny_splits  # noqa: F401 (fixture)
 from tool_scripts import load_tool
 
@@ -17,5 +19,14 @@ def test_compares_the_two_regimes_on_a_trained_checkpoint(tiny_splits, tmp_path,
         for task in ("bbox", "segm"):
             assert math.isfinite(row[f"{regime}_{task}_ap"])
     table = capsys.readouterr().out
-    assert f"| {tmp_path.name} | PreciseBN |" in table
+    assert f"| {tmp_path} | model_final.pth | PreciseBN |" in table
     assert "| PreciseBN | box |" in table and "| PreciseBN | mask |" in table
+
+
+def test_last_checkpoint_and_missing_files_are_named(tmp_path):
+    tool = load_tool("compare_recalibration")
+    (tmp_path / "model_0000199.pth").write_bytes(b"")
+    (tmp_path / "last_checkpoint").write_text("model_0000199.pth")
+    assert tool.checkpoint_file(tmp_path, "last") == tmp_path / "model_0000199.pth"
+    with pytest.raises(SystemExit, match="model_final.pth does not exist"):
+        tool.checkpoint_file(tmp_path, "model_final.pth")

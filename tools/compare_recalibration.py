@@ -39,6 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-iter", type=int, help="recalibration batches (default: D2NORM.PRECISE_BN.NUM_ITER)")
     parser.add_argument("--max-passes", type=int, default=8, help="inference regime: at most this many passes")
     parser.add_argument("--tolerance", type=float, default=0.01, help="inference regime: stop below this change")
+    parser.add_argument("--weights", default="model_final.pth",
+                        help="checkpoint file in each directory; 'last': the one named in last_checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of the recalibration batches")
     parser.add_argument("--json", help="also write the rows to this file")
     return parser.parse_args(argv)
@@ -70,16 +72,32 @@ def evaluate(cfg, model):
     return {task: results[task]["AP"] for task in ("bbox", "segm") if task in results}
 
 
-def compare(directory, num_iter=None, max_passes=8, tolerance=0.01, seed=0):
-    """One row: AP after each regime's recalibration, passes and seconds of the inference regime."""
+def checkpoint_file(directory, weights):
+    """``directory/weights``, or with ``weights == "last"`` the checkpoint named in ``last_checkpoint``."""
+    directory = Path(directory)
+    if weights == "last":
+        tag = directory / "last_checkpoint"
+        if not tag.is_file():
+            raise SystemExit(f"{tag} does not exist: no checkpoint was saved in {directory}.")
+        weights = tag.read_text().strip()
+    path = directory / weights
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist (--weights {weights}).")
+    return path
+
+
+def compare(directory, num_iter=None, max_passes=8, tolerance=0.01, seed=0, weights="model_final.pth"):
+    """One row: AP after each regime's recalibration, passes and seconds of each recalibration."""
     cfg = load_config(directory)
     num_iter = num_iter or cfg.D2NORM.PRECISE_BN.NUM_ITER
     trained = d2norm.build_model(cfg)
-    DetectionCheckpointer(trained).load(str(Path(directory) / "model_final.pth"))
+    weights_file = checkpoint_file(directory, weights)
+    DetectionCheckpointer(trained).load(str(weights_file))
     seed_all_rng(seed)
     loader = iter(build_detection_train_loader(cfg))
     batches = [next(loader) for _ in range(num_iter)]
-    row = {"checkpoint": str(directory), "norm": norm_label(cfg), "seed": cfg.SEED, "num_iter": num_iter}
+    row = {"checkpoint": str(directory), "weights": weights_file.name, "norm": norm_label(cfg), "seed": cfg.SEED,
+           "num_iter": num_iter}
     for regime in ("training", "inference"):
         model = copy.deepcopy(trained)
         start = time.perf_counter()
@@ -101,13 +119,13 @@ def _cell(row, key):
 
 def markdown_table(rows):
     lines = [
-        "| checkpoint | norm | box AP, training regime | box AP, inference regime | mask AP, training regime "
+        "| checkpoint | weights | norm | box AP, training regime | box AP, inference regime | mask AP, training regime "
         "| mask AP, inference regime | passes | recalibration s (training / inference) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {Path(r['checkpoint']).name} | {r['norm']} | {_cell(r, 'training_bbox_ap')} | "
+            f"| {r['checkpoint']} | {r['weights']} | {r['norm']} | {_cell(r, 'training_bbox_ap')} | "
             f"{_cell(r, 'inference_bbox_ap')} | {_cell(r, 'training_segm_ap')} | {_cell(r, 'inference_segm_ap')} | "
             f"{r['passes']} | {r['training_s']:.0f} / {r['inference_s']:.0f} |"
         )
@@ -126,7 +144,8 @@ def markdown_table(rows):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    rows = [compare(d, args.num_iter, args.max_passes, args.tolerance, args.seed) for d in args.checkpoints]
+    rows = [compare(d, args.num_iter, args.max_passes, args.tolerance, args.seed, args.weights)
+            for d in args.checkpoints]
     print(markdown_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
