@@ -73,6 +73,23 @@ def test_passes_stop_at_the_fixed_point():
     assert change == pytest.approx(0.0, abs=1e-12)
 
 
+class _RandomHalf(nn.Module):
+    """Keeps a random half of the samples, like detectron2's RoI sampling between backbone and heads."""
+
+    def forward(self, x):
+        return x[torch.randperm(x.shape[0])[: max(1, x.shape[0] // 2)]]
+
+
+def test_random_sampling_repeats_in_every_pass_so_the_fixed_point_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), _RandomHalf(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    _train_steps(model)
+    batches = _batches(shapes=((4, 5, 5), (6, 4, 4), (4, 6, 6)))
+    passes, change = recalibrate_in_inference_regime(model, batches, 3, max_passes=10, tolerance=0.0)
+    assert (passes, change) == (3, 0.0)
+
+
 def test_one_pass_is_the_training_regime_recalibration():
     model = _model("BN", "CBN", "MABN")
     _train_steps(model)
