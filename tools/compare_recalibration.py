@@ -143,7 +143,6 @@ def markdown_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     rows = [compare(d, args.num_iter, args.max_passes, args.tolerance, args.seed, args.weights)
             for d in args.checkpoints]
     print(markdown_table(rows))
@@ -153,4 +152,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
     main()
