@@ -30,3 +30,9 @@ def test_last_checkpoint_and_missing_files_are_named(tmp_path):
     assert tool.checkpoint_file(tmp_path, "last") == tmp_path / "model_0000199.pth"
     with pytest.raises(SystemExit, match="model_final.pth does not exist"):
         tool.checkpoint_file(tmp_path, "model_final.pth")
+
+
+def test_a_config_without_test_set_asks_for_one(tmp_path):
+    (tmp_path / "config.yaml").write_text("DATASETS:\n  TEST: []\n")
+    with pytest.raises(SystemExit, match="has no DATASETS.TEST: pass --dataset"):
+        load_tool("compare_recalibration").compare(tmp_path)

@@ -41,6 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--tolerance", type=float, default=0.01, help="inference regime: stop below this change")
     parser.add_argument("--weights", default="model_final.pth",
                         help="checkpoint file in each directory; 'last': the one named in last_checkpoint")
+    parser.add_argument("--dataset", help="evaluation set (default: the config's first DATASETS.TEST)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the recalibration batches")
     parser.add_argument("--json", help="also write the rows to this file")
     return parser.parse_args(argv)
@@ -64,9 +65,8 @@ def norm_label(cfg):
     return norms[0] if len(set(norms)) == 1 else "/".join(norms)
 
 
-def evaluate(cfg, model):
-    """COCO box and mask AP on the first test set."""
-    dataset = cfg.DATASETS.TEST[0]
+def evaluate(cfg, model, dataset):
+    """COCO box and mask AP on ``dataset``."""
     evaluator = COCOEvaluator(dataset, output_dir=None, use_fast_impl=False)
     results = inference_on_dataset(model, build_detection_test_loader(cfg, dataset), evaluator)
     return {task: results[task]["AP"] for task in ("bbox", "segm") if task in results}
@@ -86,9 +86,13 @@ def checkpoint_file(directory, weights):
     return path
 
 
-def compare(directory, num_iter=None, max_passes=8, tolerance=0.01, seed=0, weights="model_final.pth"):
+def compare(directory, num_iter=None, max_passes=8, tolerance=0.01, seed=0, weights="model_final.pth",
+            dataset=None):
     """One row: AP after each regime's recalibration, passes and seconds of each recalibration."""
     cfg = load_config(directory)
+    dataset = dataset or next(iter(cfg.DATASETS.TEST), None)
+    if dataset is None:
+        raise SystemExit(f"{Path(directory) / 'config.yaml'} has no DATASETS.TEST: pass --dataset.")
     num_iter = num_iter or cfg.D2NORM.PRECISE_BN.NUM_ITER
     trained = d2norm.build_model(cfg)
     weights_file = checkpoint_file(directory, weights)
@@ -107,7 +111,7 @@ def compare(directory, num_iter=None, max_passes=8, tolerance=0.01, seed=0, weig
             row["passes"], row["last_change"] = recalibrate_in_inference_regime(
                 model, batches, num_iter, max_passes, tolerance)
         row[f"{regime}_s"] = time.perf_counter() - start
-        for task, ap in evaluate(cfg, model).items():
+        for task, ap in evaluate(cfg, model, dataset).items():
             row[f"{regime}_{task}_ap"] = ap
     return row
 
@@ -143,7 +147,7 @@ def markdown_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = [compare(d, args.num_iter, args.max_passes, args.tolerance, args.seed, args.weights)
+    rows = [compare(d, args.num_iter, args.max_passes, args.tolerance, args.seed, args.weights, args.dataset)
             for d in args.checkpoints]
     print(markdown_table(rows))
     if args.json:
