@@ -47,8 +47,9 @@ def add_d2norm_config(cfg):
     cfg.D2NORM.PRECISE_BN.PERIOD = 0
     # "training": upstream layers use batch statistics; "inference": population statistics (passes).
     cfg.D2NORM.PRECISE_BN.REGIME = "training"
-    # "inference" regime: at most this many passes over the same NUM_ITER batches ...
-    cfg.D2NORM.PRECISE_BN.MAX_PASSES = 8
+    # "inference" regime: at most this many passes over the same NUM_ITER batches (0: number of
+    # norm layers + 1, enough for the exact fixed point) ...
+    cfg.D2NORM.PRECISE_BN.MAX_PASSES = 0
     # ... stopping after a pass that moves no layer's statistics by more than this (normalization gap).
     cfg.D2NORM.PRECISE_BN.TOLERANCE = 0.01
 
@@ -93,8 +94,8 @@ def validate_d2norm_config(cfg):
            "D2NORM.PRECISE_BN.NUM_ITER", d.PRECISE_BN.NUM_ITER, "an integer >= 1")
     _check(d.PRECISE_BN.REGIME in RECALIBRATION_REGIMES, "D2NORM.PRECISE_BN.REGIME", d.PRECISE_BN.REGIME,
            " or ".join(f'"{r}"' for r in RECALIBRATION_REGIMES))
-    _check(is_int(d.PRECISE_BN.MAX_PASSES) and d.PRECISE_BN.MAX_PASSES >= 1,
-           "D2NORM.PRECISE_BN.MAX_PASSES", d.PRECISE_BN.MAX_PASSES, "an integer >= 1")
+    _check(is_int(d.PRECISE_BN.MAX_PASSES) and d.PRECISE_BN.MAX_PASSES >= 0,
+           "D2NORM.PRECISE_BN.MAX_PASSES", d.PRECISE_BN.MAX_PASSES, "an integer >= 0 (0: automatic)")
     _check(isinstance(d.PRECISE_BN.TOLERANCE, (int, float)) and d.PRECISE_BN.TOLERANCE >= 0,
            "D2NORM.PRECISE_BN.TOLERANCE", d.PRECISE_BN.TOLERANCE, "a number >= 0")
     _check(is_int(d.MONITOR.PERIOD) and d.MONITOR.PERIOD >= 1, "D2NORM.MONITOR.PERIOD", d.MONITOR.PERIOD,

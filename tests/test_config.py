@@ -40,7 +40,7 @@ def test_defaults_follow_the_papers(cfg):
         ("D2NORM.PRECISE_BN.PERIOD", -1),
         ("D2NORM.FREEZE_NORM_LAST_ITERS", -3),
         ("D2NORM.PRECISE_BN.REGIME", "eval"),
-        ("D2NORM.PRECISE_BN.MAX_PASSES", 0),
+        ("D2NORM.PRECISE_BN.MAX_PASSES", -1),
         ("D2NORM.PRECISE_BN.TOLERANCE", -0.1),
         ("D2NORM.MONITOR.PERIOD", 0),
     ],

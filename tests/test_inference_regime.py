@@ -117,4 +117,14 @@ def test_modes_and_other_buffers_are_restored_and_the_loader_is_read_once():
 
 def test_bad_max_passes_is_rejected():
     with pytest.raises(ValueError, match="max_passes"):
-        recalibrate_in_inference_regime(_model("BN"), _batches(), 3, max_passes=0)
+        recalibrate_in_inference_regime(_model("BN"), _batches(), 3, max_passes=-1)
+
+
+def test_automatic_pass_limit_reaches_the_exact_fixed_point():
+    model = _model("BN", "BN", "BN")
+    _train_steps(model)
+    expected, _ = _inference_regime_reference(model, _batches())
+    passes, change = recalibrate_in_inference_regime(model, _batches(), 3, tolerance=0.0)
+    assert passes == 4 and change == 0.0  # 3 layers + 1: the last pass confirms the fixed point
+    for name, var in _variances(model).items():
+        torch.testing.assert_close(var, expected[name].double(), rtol=1e-5, atol=1e-6)

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+", help="directories with config.yaml and model_final.pth")
     parser.add_argument("--num-iter", type=int, help="recalibration batches (default: D2NORM.PRECISE_BN.NUM_ITER)")
-    parser.add_argument("--max-passes", type=int, default=8, help="inference regime: at most this many passes")
+    parser.add_argument("--max-passes", type=int, default=0,
+                        help="inference regime: at most this many passes (0: number of norm layers + 1)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="inference regime: stop below this change")
     parser.add_argument("--weights", default="model_final.pth",
                         help="checkpoint file in each directory; 'last': the one named in last_checkpoint")
@@ -69,7 +70,9 @@ def evaluate(cfg, model, dataset):
     """COCO box and mask AP on ``dataset``."""
     evaluator = COCOEvaluator(dataset, output_dir=None, use_fast_impl=False)
     results = inference_on_dataset(model, build_detection_test_loader(cfg, dataset), evaluator)
-    return {task: results[task]["AP"] for task in ("bbox", "segm") if task in results}
+    tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+    # detectron2's COCOEvaluator returns nothing for a model without any detection: AP 0.
+    return {task: results.get(task, {}).get("AP", 0.0) for task in tasks}
 
 
 def checkpoint_file(directory, weights):
@@ -86,7 +89,7 @@ def checkpoint_file(directory, weights):
     return path
 
 
-def compare(directory, num_iter=None, max_passes=8, tolerance=0.01, seed=0, weights="model_final.pth",
+def compare(directory, num_iter=None, max_passes=0, tolerance=0.01, seed=0, weights="model_final.pth",
             dataset=None):
     """One row: AP after each regime's recalibration, passes and seconds of each recalibration."""
     cfg = load_config(directory)
@@ -147,11 +150,13 @@ def markdown_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = [compare(d, args.num_iter, args.max_passes, args.tolerance, args.seed, args.weights, args.dataset)
-            for d in args.checkpoints]
+    rows = []
+    for directory in args.checkpoints:
+        rows.append(compare(directory, args.num_iter, args.max_passes, args.tolerance, args.seed, args.weights,
+                            args.dataset))
+        if args.json:  # after every checkpoint, so that a long run keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1))
     print(markdown_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
 
 
