@@ -5,7 +5,7 @@ layer that estimates population statistics and writes (``metrics.json``, TensorB
 
 - **train/test inconsistency** ("Rethinking 'Batch' in BatchNorm", Wu & Johnson 2021, Sec. 4): a
   layer normalises with training statistics (μ_t, σ²_t) — the batch's (BN, PreciseBN, CBN in
-  burn-in), the pooled window (CBN Eq. 8-9), MABN's renormalised moving average (MABN Eq. 11-12) —
+  burn-in), the pooled window (CBN Eq. 8-9), MABN's renormalised moving average (Yan et al. 2020) —
   and at inference with population statistics (μ_p, σ²_p). Before γ, β, the inference output is
   ``s·y + δ`` of the training output y, with ``s = √(σ²_t+ε)/√(σ²_p+ε)`` and
   ``δ = (μ_t - μ_p)/√(σ²_p+ε)``; :func:`normalization_gap` is the RMS difference of the two for a

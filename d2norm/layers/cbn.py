@@ -89,7 +89,8 @@ def _weight_grad_dot_weight(weight_grad, weight):
 
 def pooled_statistics(mean, var, past_mean, past_var, past_valid):
     """Mean and biased variance of the union of the current batch and the valid past entries, each
-    weighted equally (CBN Eq. 8-9 with the per-channel exclusion of A.4 step 4), and the count.
+    weighted equally (CBN Eq. 8-9, past entries with a negative compensated variance excluded per
+    channel as in the official code), and the count.
 
     ``mean``, ``var`` are (C,); ``past_mean``, ``past_var``, ``past_valid`` are (L, C).
     """
