@@ -47,7 +47,7 @@ class NormRecalibrator:
     the current EventStorage (:func:`~d2norm.monitor.recalibration_shift`).
     """
 
-    def __init__(self, model, data_loader, num_iter, regime="training", max_passes=1, tolerance=0.0,
+    def __init__(self, model, data_loader, num_iter, regime="training", max_passes=0, tolerance=0.01,
                  record_shift=False):
         if regime not in RECALIBRATION_REGIMES:
             raise ValueError(f"D2NORM.PRECISE_BN.REGIME must be one of {RECALIBRATION_REGIMES}, got {regime!r}")
