@@ -27,6 +27,7 @@ demo: setup
 	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT) $(ARGS)
 	$(PY) tools/predict.py --config-file $(DEMO_CONFIG) --weights $(DEMO_OUTPUT)/model_final.pth \
 		--limit 8 --grid $(DEMO_OUTPUT)/predictions.png $(ARGS)
+	$(PY) tools/plot_norm_stats.py $(DEMO_OUTPUT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,7 +1,12 @@
 """The ``D2NORM`` config node (defaults follow the papers) and its validation."""
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_d2norm_config", "validate_d2norm_config", "D2NormConfigError"]
+__all__ = ["add_d2norm_config", "validate_d2norm_config", "D2NormConfigError", "RECALIBRATION_REGIMES"]
+
+# D2NORM.PRECISE_BN.REGIME: what the layers upstream of a layer normalise with while its population
+# statistics are collected: batch statistics (training-mode forwards, as PreciseBN/fvcore/detectron2)
+# or the population statistics themselves, iterated to a fixed point (d2norm.inference_regime).
+RECALIBRATION_REGIMES = ("training", "inference")
 
 
 class D2NormConfigError(ValueError):
@@ -43,6 +48,21 @@ def add_d2norm_config(cfg):
     # Also recalibrate before an --eval-only evaluation (e.g. per-level statistics for a model
     # trained with shared ones, "Rethinking 'Batch'" Table 5).
     cfg.D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY = False
+
+    # "training": upstream layers use batch statistics; "inference": population statistics (passes).
+    cfg.D2NORM.PRECISE_BN.REGIME = "training"
+    # "inference" regime: at most this many passes over the same NUM_ITER batches (0: number of
+    # norm layers + 1, enough for the exact fixed point) ...
+    cfg.D2NORM.PRECISE_BN.MAX_PASSES = 0
+    # ... stopping after a pass that moves no layer's statistics by more than this (normalization gap).
+    cfg.D2NORM.PRECISE_BN.TOLERANCE = 0.01
+
+    cfg.D2NORM.MONITOR = CN()
+    # Write norm statistics (train/test inconsistency, CBN/MABN state, recalibration shift) to metrics.
+    cfg.D2NORM.MONITOR.ENABLED = False
+    # Observe one training iteration every PERIOD iterations (and the last one).
+    cfg.D2NORM.MONITOR.PERIOD = 20
+
     # Switch norm layers to population statistics (after a recalibration) for the last N iters.
     cfg.D2NORM.FREEZE_NORM_LAST_ITERS = 0
 
@@ -76,7 +96,16 @@ def validate_d2norm_config(cfg):
            "D2NORM.MABN.EMA_DECAY", d.MABN.EMA_DECAY, "a number in [0, 1)")
     _check(is_int(d.PRECISE_BN.NUM_ITER) and d.PRECISE_BN.NUM_ITER >= 1,
            "D2NORM.PRECISE_BN.NUM_ITER", d.PRECISE_BN.NUM_ITER, "an integer >= 1")
-    for key in ("MABN.CENTRALIZE_WEIGHTS", "PRECISE_BN.ENABLED", "PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY"):
+    _check(d.PRECISE_BN.REGIME in RECALIBRATION_REGIMES, "D2NORM.PRECISE_BN.REGIME", d.PRECISE_BN.REGIME,
+           " or ".join(f'"{r}"' for r in RECALIBRATION_REGIMES))
+    _check(is_int(d.PRECISE_BN.MAX_PASSES) and d.PRECISE_BN.MAX_PASSES >= 0,
+           "D2NORM.PRECISE_BN.MAX_PASSES", d.PRECISE_BN.MAX_PASSES, "an integer >= 0 (0: automatic)")
+    _check(isinstance(d.PRECISE_BN.TOLERANCE, (int, float)) and d.PRECISE_BN.TOLERANCE >= 0,
+           "D2NORM.PRECISE_BN.TOLERANCE", d.PRECISE_BN.TOLERANCE, "a number >= 0")
+    _check(is_int(d.MONITOR.PERIOD) and d.MONITOR.PERIOD >= 1, "D2NORM.MONITOR.PERIOD", d.MONITOR.PERIOD,
+           "an integer >= 1")
+    for key in ("MABN.CENTRALIZE_WEIGHTS", "PRECISE_BN.ENABLED", "PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY",
+                "MONITOR.ENABLED"):
         family, name = key.split(".")
         value = d[family][name]
         _check(isinstance(value, bool), f"D2NORM.{key}", value, "true or false")

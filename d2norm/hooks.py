@@ -4,6 +4,8 @@
   norm layer (all d2norm types, not only torch BN) when detectron2's ``EvalHook`` would evaluate,
   at the end of training and optionally every ``period`` iterations, with statistics identical on
   all ranks (:func:`d2norm.recalibrate.recalibrate`).
+- :class:`~d2norm.monitor.NormStatsMonitor` (``D2NORM.MONITOR``) writes what the norm layers do
+  to the EventStorage.
 - :class:`FreezeNormLastIters` trains the last N iterations with population statistics
   ("Rethinking 'Batch' in BatchNorm", Sec. 4.2: FrozenBN at the end of training removes the
   train/test inconsistency of small batches).
@@ -14,9 +16,13 @@ PreciseBN hook (before the checkpointer and the ``EvalHook``) and drop detectron
 import logging
 
 from detectron2.engine.train_loop import HookBase
+from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import RECALIBRATION_REGIMES
+from .inference_regime import recalibrate_in_inference_regime
 from .layers import PreciseBatchNorm2d
+from .monitor import NormStatsMonitor, population_statistics, recalibration_shift
 from .recalibrate import population_norm_layers, recalibrate
 
 __all__ = ["FreezeNormLastIters", "NormRecalibrator", "RecalibrateNorms", "build_norm_hooks", "norm_hooks",
@@ -35,18 +41,37 @@ class NormRecalibrator:
     The loader is iterated once and kept, so successive recalibrations see fresh batches. A
     DDP-wrapped model is unwrapped: the forwards run under ``torch.no_grad``, and all-reduction of
     the statistics is done by :func:`~d2norm.recalibrate.recalibrate` itself.
+
+    ``regime`` is ``"training"`` (:func:`~d2norm.recalibrate.recalibrate`) or ``"inference"``
+    (:func:`~d2norm.inference_regime.recalibrate_in_inference_regime` with ``max_passes`` and
+    ``tolerance``). With ``record_shift``, how far each recalibration moved the statistics goes to
+    the current EventStorage (:func:`~d2norm.monitor.recalibration_shift`).
     """
 
-    def __init__(self, model, data_loader, num_iter):
+    def __init__(self, model, data_loader, num_iter, regime="training", max_passes=0, tolerance=0.01,
+                 record_shift=False):
+        if regime not in RECALIBRATION_REGIMES:
+            raise ValueError(f"D2NORM.PRECISE_BN.REGIME must be one of {RECALIBRATION_REGIMES}, got {regime!r}")
         self.model = _unwrap(model)
         self._data_loader = data_loader
         self._data_iter = None
         self.num_iter = num_iter
+        self.regime, self.max_passes, self.tolerance = regime, max_passes, tolerance
+        self.record_shift = record_shift
 
     def __call__(self):
         if self._data_iter is None:
             self._data_iter = iter(self._data_loader)
-        recalibrate(self.model, self._data_iter, self.num_iter)
+        before = population_statistics(self.model) if self.record_shift else None
+        if self.regime == "inference":
+            recalibrate_in_inference_regime(self.model, self._data_iter, self.num_iter,
+                                            self.max_passes, self.tolerance)
+        else:
+            recalibrate(self.model, self._data_iter, self.num_iter)
+        if before is not None:
+            shift = recalibration_shift(before, population_statistics(self.model))
+            if shift:
+                get_event_storage().put_scalars(**shift, smoothing_hint=False)
 
 
 class RecalibrateNorms(HookBase):
@@ -110,7 +135,7 @@ def build_norm_hooks(cfg, model, build_train_loader):
 
     Args:
         cfg: the full config (``D2NORM.PRECISE_BN.*``, ``D2NORM.FREEZE_NORM_LAST_ITERS``,
-            ``TEST.EVAL_PERIOD``).
+            ``D2NORM.MONITOR.*``, ``TEST.EVAL_PERIOD``).
         model: the (possibly DDP-wrapped) model being trained.
         build_train_loader (callable): ``cfg -> data loader``, see :func:`recalibration_loader`.
     """
@@ -122,20 +147,25 @@ def norm_hooks(d2norm_cfg, eval_period, model, make_loader):
     """The d2norm hooks for the ``D2NORM`` node ``d2norm_cfg`` (YAML and LazyConfig trainers).
 
     Args:
-        d2norm_cfg: ``PRECISE_BN.*`` and ``FREEZE_NORM_LAST_ITERS``.
+        d2norm_cfg: ``PRECISE_BN.*``, ``FREEZE_NORM_LAST_ITERS`` and ``MONITOR.*``.
         eval_period (int): the evaluation period (recalibration runs before each evaluation).
         model: the (possibly DDP-wrapped) model being trained.
         make_loader (callable): ``() -> training data loader`` for recalibration, called once.
+
+    The monitor (if enabled) comes first, so that it never observes a recalibration's forwards.
     """
-    precise, freeze_iters = d2norm_cfg.PRECISE_BN, d2norm_cfg.FREEZE_NORM_LAST_ITERS
+    precise, freeze_iters, monitor = d2norm_cfg.PRECISE_BN, d2norm_cfg.FREEZE_NORM_LAST_ITERS, d2norm_cfg.MONITOR
     layers = population_norm_layers(_unwrap(model))
     if not precise.ENABLED and any(isinstance(layer, PreciseBatchNorm2d) for _, layer in layers):
         logger.warning("D2NORM.PRECISE_BN.ENABLED is False but the model has PreciseBN layers: "
                        "they cannot be evaluated until d2norm.recalibrate is run.")
+    hooks = [NormStatsMonitor(model, monitor.PERIOD)] if monitor.ENABLED and layers else []
     if not layers or not (precise.ENABLED or freeze_iters > 0):
-        return []
-    recalibrator = NormRecalibrator(model, make_loader(), precise.NUM_ITER)
-    hooks = []
+        return hooks
+    recalibrator = NormRecalibrator(
+        model, make_loader(), precise.NUM_ITER, regime=precise.REGIME,
+        max_passes=precise.MAX_PASSES, tolerance=precise.TOLERANCE, record_shift=monitor.ENABLED,
+    )
     if precise.ENABLED:
         hooks.append(RecalibrateNorms(recalibrator, eval_period, precise.PERIOD))
     if freeze_iters > 0:

@@ -19,6 +19,8 @@ def test_defaults_follow_the_papers(cfg):
     assert (d.MABN.BUFFER_SIZE, d.MABN.WARMUP_ITERS, d.MABN.RENORM_FREE_ITERS) == (16, 100, 1000)
     assert (d.MABN.RMAX, d.MABN.EMA_DECAY, d.MABN.CENTRALIZE_WEIGHTS) == (5.0, 0.98, True)
     assert (d.PRECISE_BN.NUM_ITER, d.PRECISE_BN.PERIOD) == (200, 0)
+    assert d.PRECISE_BN.REGIME == "training"  # as the paper; "inference" is opt-in
+    assert (d.MONITOR.ENABLED, d.MONITOR.PERIOD) == (False, 20)
     validate_d2norm_config(cfg)
 
 
@@ -37,6 +39,10 @@ def test_defaults_follow_the_papers(cfg):
         ("D2NORM.PRECISE_BN.NUM_ITER", 0),
         ("D2NORM.PRECISE_BN.PERIOD", -1),
         ("D2NORM.FREEZE_NORM_LAST_ITERS", -3),
+        ("D2NORM.PRECISE_BN.REGIME", "eval"),
+        ("D2NORM.PRECISE_BN.MAX_PASSES", -1),
+        ("D2NORM.PRECISE_BN.TOLERANCE", -0.1),
+        ("D2NORM.MONITOR.PERIOD", 0),
     ],
 )
 def test_bad_value_names_the_key_and_the_allowed_range(cfg, key, value):

@@ -29,3 +29,7 @@ def test_demo_trains_to_a_working_box_ap_and_draws_its_predictions(tmp_path):
                     "--weights", str(tmp_path / "model_final.pth"), "--limit", "8",
                     "--grid", str(tmp_path / "predictions.png")], cwd=REPO, check=True, timeout=600)
     assert (tmp_path / "predictions.png").stat().st_size > 0
+    # `make demo` then plots the norm statistics next to the checkpoints.
+    plot = subprocess.run([sys.executable, str(REPO / "tools" / "plot_norm_stats.py"), str(tmp_path)], cwd=REPO)
+    assert plot.returncode == 0
+    assert (tmp_path / "norm_stats_parts.png").is_file() and (tmp_path / "norm_stats_layers.png").is_file()

@@ -7,10 +7,12 @@ import torch.nn as nn
 from detectron2.config import get_cfg
 from detectron2.engine import SimpleTrainer, hooks
 from detectron2.evaluation.evaluator import inference_context
+from detectron2.utils.events import EventStorage
 
 from d2norm.config import add_d2norm_config
 from d2norm.hooks import FreezeNormLastIters, NormRecalibrator, RecalibrateNorms, build_norm_hooks
 from d2norm.layers import PreciseBatchNorm2d
+from d2norm.monitor import NormStatsMonitor
 
 
 class TinyDetector(nn.Module):
@@ -181,3 +183,29 @@ def test_built_hooks_use_the_eval_period_and_the_loader_across_recalibrations():
     _train(model, [hook], events, max_iter=4, eval_period=2)
     assert consumed == list(range(8))  # 2 recalibrations x NUM_ITER 4, one iterator
     assert bool(model.norm.recalibrated)
+
+
+def test_build_norm_hooks_passes_the_recalibration_regime_and_puts_the_monitor_first():
+    cfg = _cfg()
+    cfg.merge_from_list(["D2NORM.PRECISE_BN.REGIME", "inference", "D2NORM.PRECISE_BN.MAX_PASSES", 3,
+                         "D2NORM.MONITOR.ENABLED", True])
+    monitor, recalibrate = build_norm_hooks(cfg, TinyDetector(), lambda cfg: _batches(seed=0))
+    assert isinstance(monitor, NormStatsMonitor) and isinstance(recalibrate, RecalibrateNorms)
+    recalibrator = recalibrate.recalibrator
+    assert (recalibrator.regime, recalibrator.max_passes, recalibrator.record_shift) == ("inference", 3, True)
+
+
+def test_recalibrator_records_how_far_each_recalibration_moved_the_statistics():
+    model = TinyDetector()
+    recalibrator = NormRecalibrator(model, _batches(seed=1), num_iter=2, record_shift=True)
+    with EventStorage() as storage:
+        recalibrator()  # the first recalibration of a PreciseBN has nothing to compare with
+        assert "norm/other/recalibration_shift" not in storage.histories()
+        recalibrator()  # other batches: the statistics move a little
+        (shift, _), = storage.history("norm/other/recalibration_shift").values()
+    assert 0 < shift < 1
+
+
+def test_unknown_regime_names_the_config_key():
+    with pytest.raises(ValueError, match="D2NORM.PRECISE_BN.REGIME"):
+        NormRecalibrator(TinyDetector(), _batches(seed=1), num_iter=2, regime="eval")

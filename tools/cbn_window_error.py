@@ -85,9 +85,7 @@ def window_errors(layer, truth_by_age, current):
 
     ``truth_by_age[a - 1]`` is the layer's true (mean, var) on the batch of age a (1 = the last
     trained batch) under the current weights; ``current`` the same for the next batch."""
-    conv = layer._bound_conv()
-    weight = conv.weight.detach().double()
-    mean_comp, var_comp, _ = layer._compensated_history(weight, conv.groups)
+    mean_comp, var_comp, _ = (t.double() for t in layer.compensated_window())
     filled, slots = int(layer.history_length), layer.window - 1
     out = {}
     for age in range(1, min(filled, len(truth_by_age)) + 1):

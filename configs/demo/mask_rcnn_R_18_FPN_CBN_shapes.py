@@ -92,3 +92,4 @@ d2norm = get_d2norm_config()
 d2norm.CBN.WINDOW = 4
 d2norm.CBN.BURNIN_ITERS = 100
 d2norm.PRECISE_BN.NUM_ITER = 50
+d2norm.MONITOR.ENABLED = True  # norm statistics in metrics.json (tools/plot_norm_stats.py plots them)

@@ -38,7 +38,9 @@ from .per_channel import (
 )
 from .recomputation import refuse_recomputation
 
-__all__ = ["CrossIterationBatchNorm2d", "conv_statistic_gradients", "cross_iteration_batch_norm"]
+__all__ = [
+    "CrossIterationBatchNorm2d", "conv_statistic_gradients", "cross_iteration_batch_norm", "pooled_statistics",
+]
 
 # Buffers holding the window; restored or reset together (see _load_from_state_dict).
 _WINDOW_STATE = (
@@ -94,16 +96,27 @@ def _weight_grad_dot_weight(weight_grad, weight):
     return torch.einsum("lcp,cp->lc", weight_grad.flatten(2), weight.flatten(1))
 
 
+def pooled_statistics(mean, var, past_mean, past_var, past_valid):
+    """Mean and biased variance of the union of the current batch and the valid past entries, each
+    weighted equally (CBN Eq. 8-9, past entries with a negative compensated variance excluded per
+    channel as in the official code), and the count.
+
+    ``mean``, ``var`` are (C,); ``past_mean``, ``past_var``, ``past_valid`` are (L, C).
+    """
+    count = 1 + past_valid.sum(0)
+    pooled_mean = (mean + torch.where(past_valid, past_mean, 0).sum(0)) / count
+    spread = torch.where(past_valid, past_var + (past_mean - pooled_mean) ** 2, 0).sum(0)
+    pooled_var = (var + (mean - pooled_mean) ** 2 + spread) / count
+    return pooled_mean, pooled_var, count
+
+
 class _CrossIterationBatchNormFunction(torch.autograd.Function):
     """Normalise with the current batch's statistics pooled with fixed past ones (official ``CBatchNorm2d.forward``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, past_mean, past_var, past_valid, eps):
         dtype = mean.dtype
-        count = 1 + past_valid.sum(0)
-        pooled_mean = (mean + torch.where(past_valid, past_mean, 0).sum(0)) / count
-        spread = torch.where(past_valid, past_var + (past_mean - pooled_mean) ** 2, 0).sum(0)
-        pooled_var = (var + (mean - pooled_mean) ** 2 + spread) / count
+        pooled_mean, pooled_var, count = pooled_statistics(mean, var, past_mean, past_var, past_valid)
         inv_std = torch.rsqrt(pooled_var + eps)
         scale = inv_std if weight is None else inv_std * weight.to(dtype)
         y = (x.to(dtype) - per_channel(pooled_mean)) * per_channel(scale)
@@ -255,9 +268,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0:
             return self._batch_norm(x)
         refuse_recomputation(self)
-        burning_in = self.burnin_iters > 0 and int(self.train_iterations) < self.burnin_iters
+        pools = self.pools_window()
         self.train_iterations.add_(1)
-        if burning_in or self.window == 1:
+        if not pools:
             return self._batch_norm(x)
         if conv_call is None:
             if self._bound_conv() is None:
@@ -287,6 +300,21 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self.num_batches_tracked.sub_((~finite).long())
         self.nonfinite_skips.add_((~finite).long())
         return y
+
+    def pools_window(self):
+        """Whether the next training iteration pools the window (burn-in over and ``window > 1``)."""
+        return self.window > 1 and int(self.train_iterations) >= self.burnin_iters
+
+    @torch.no_grad()
+    def compensated_window(self):
+        """``(past_mean, past_var, past_valid)``, each (k - 1, C): the stored past statistics moved to
+        the bound conv's current weight and which of them the next training forward would pool
+        (empty slots and negative compensated variances are not valid); None if no conv is bound."""
+        conv = self._bound_conv()
+        if conv is None:
+            return None
+        weight = conv.weight.detach().to(torch.promote_types(conv.weight.dtype, torch.float32))
+        return self._compensated_history(weight, conv.groups)
 
     def _pooled_forward(self, x, conv, conv_input):
         samples = x.numel() // x.shape[1]

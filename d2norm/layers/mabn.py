@@ -179,6 +179,12 @@ class MovingAverageBatchNorm2d(nn.Module):
             return _channel_affine(x, scale, torch.zeros_like(scale))
         return _channel_affine(x, self.weight * scale, self.bias)
 
+    def schedule(self, iters):
+        """``(use_smas, renormalize)`` at training step ``iters`` (a tensor): whether the forward
+        statistic is the SMAS (warm-up over) and whether r is clipped rather than fixed to 1."""
+        use_smas = (iters > self.buffer_size) & (iters >= self.warmup_iters)
+        return use_smas, iters > max(self.renorm_free_iters, self.warmup_iters)
+
     @torch.compiler.disable
     @torch.no_grad()
     def _advance_statistics(self, x):
@@ -198,11 +204,10 @@ class MovingAverageBatchNorm2d(nn.Module):
         slot = (self.iters % self.buffer_size).view(1)
         kept = self.buffer_x2.index_select(0, slot)
         self.buffer_x2.index_copy_(0, slot, torch.where(advanced, chi.to(self.buffer_x2.dtype)[None], kept))
-        use_smas = (self.iters > self.buffer_size) & (self.iters >= self.warmup_iters)
+        use_smas, renormalize = self.schedule(self.iters)
         var = torch.where(use_smas, self.buffer_x2.mean(dim=0).to(chi.dtype), chi)
         running_var = self.running_var.to(chi.dtype)
         ratio = torch.sqrt(var + self.eps) / torch.sqrt(running_var + self.eps)
-        renormalize = self.iters > max(self.renorm_free_iters, self.warmup_iters)
         r = torch.where(renormalize, ratio.clamp(1.0 / self.rmax, self.rmax), torch.ones_like(ratio))
         updated = self.ema_decay * running_var + (1.0 - self.ema_decay) * var
         self.running_var.copy_(torch.where(advanced, updated, running_var))
