@@ -49,7 +49,7 @@ def test_bn_inconsistency_is_the_gap_between_batch_and_population_statistics():
 def _cbn_chain(burnin_iters=0):
     conv = nn.Conv2d(1, 1, 1, bias=False).double()
     cbn = CrossIterationBatchNorm2d(1, window=2, burnin_iters=burnin_iters, eps=1e-12).double()
-    model = prepare_model(nn.Sequential(conv, cbn))
+    model = prepare_model(nn.Sequential(conv, cbn), example_inputs=(torch.zeros(1, 1, 2, 2, dtype=torch.float64),))
     with torch.no_grad():
         conv.weight.fill_(1.0)
     return model, conv

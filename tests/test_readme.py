@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from detectron2.data import DatasetCatalog
 
-from d2norm import CrossIterationBatchNorm2d
+from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from d2norm.data import register_shapes_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,3 +35,6 @@ def test_readme_python_snippets_run_as_written(small_demo_splits, monkeypatch):
     windows = {m.window for m in namespace["same_layers"].modules() if isinstance(m, CrossIterationBatchNorm2d)}
     assert windows == {cfg.D2NORM.CBN.WINDOW} != {8}  # cfg.D2NORM reached the custom builder's layers
     assert not any(isinstance(m, CrossIterationBatchNorm2d) for m in namespace["model"].modules())  # folded
+    lazy_norms = list(namespace["lazy_model"].modules())  # the LazyConfig snippet's settings reached the layers
+    assert any(isinstance(m, MovingAverageBatchNorm2d) for m in lazy_norms)
+    assert {m.window for m in lazy_norms if isinstance(m, CrossIterationBatchNorm2d)} == {4}
