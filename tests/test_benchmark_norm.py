@@ -136,6 +136,8 @@ def test_detector_report_has_bn_cbn_mabn_with_active_windows(tmp_path):
     assert detector["results"]["MABN"]["mabn_layers_past_warmup"] == detector["results"]["MABN"]["norm_layers"]
     for ratios in detector["ratios"].values():
         assert all(_positive(v) for v in ratios.values())
+    # every variant's heads work on the same RoIs (shared proposals), whatever its untrained RPN proposes
+    assert len({r["foreground_rois_per_image"] for r in detector["results"].values()}) == 1
 
 
 def test_cbn_floor_adds_one_weight_gradient_to_convs_that_feed_batch_norm_only(monkeypatch):

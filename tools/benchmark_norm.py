@@ -370,13 +370,36 @@ def synthetic_batch(size, num_images=2, objects=4, num_classes=80):
     return batch
 
 
+def share_proposals(models):
+    """Feed every model's ROI heads the proposals of the first model's first step (in place).
+
+    Untrained RPNs propose different boxes for different norms, so the number of foreground RoIs,
+    and with it the mask head's work, would differ between the variants; with shared proposals every
+    variant samples from the same RoIs and only the norm's own cost differs. The RPN still runs
+    (its cost and losses stay in the step)."""
+    from detectron2.structures import Instances
+
+    shared = []
+
+    def replace(module, args, output):
+        proposals, losses = output
+        if not shared:
+            shared.extend(proposals)  # detectron2's RPN returns them without gradient
+        return [Instances(p.image_size, **p.get_fields()) for p in shared], losses
+
+    for model in models:
+        model.proposal_generator.register_forward_hook(replace)
+
+
 def run_detector_benchmark(args, device):
-    """One training step (forward, backward, SGD step) of Mask R-CNN per norm, interleaved."""
-    from detectron2.utils.events import EventStorage
+    """One training step (forward, backward, SGD step) of Mask R-CNN per norm, interleaved, on the
+    same images and proposals (:func:`share_proposals`)."""
+    from detectron2.utils.events import EventStorage, get_event_storage
 
     norms = ("BN", "PreciseBN", FLOOR, "CBN", "MABN")
     progress(f"detector: building Mask R-CNN with {', '.join(norms)}")
     models = {norm: build_detector(norm, args, device) for norm in norms}
+    share_proposals(model for _, model, _ in models.values())
     cfg = models["BN"][0]
     batch = synthetic_batch(args.detector_size, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
@@ -397,7 +420,7 @@ def run_detector_benchmark(args, device):
 
     steps = {norm: step_of(model, optimizer) for norm, (_, model, optimizer) in models.items()}
     times = {norm: [] for norm in norms}
-    memory = {}
+    memory, foreground = {}, {}
     with EventStorage(0):  # detectron2's losses log into it
         rounds = args.detector_warmup + args.detector_steps
         for i in range(rounds):
@@ -405,6 +428,7 @@ def run_detector_benchmark(args, device):
                      f"one training step each of {', '.join(norms)}")
             for norm, (forward, backward) in steps.items():
                 seconds = timed(forward, backward, device)
+                foreground[norm] = get_event_storage().history("roi_head/num_fg_samples").latest()
                 if i >= args.detector_warmup:
                     times[norm].append(seconds)
         progress("detector: one more step each for peak memory")
@@ -422,6 +446,7 @@ def run_detector_benchmark(args, device):
             "peak_bytes": memory[norm][1],
             "window_state_bytes": window_state_bytes(model),
             "norm_layers": sum(type(m) is NORM_TYPES.get(norm, nn.BatchNorm2d) for m in model.modules()),
+            "foreground_rois_per_image": foreground[norm],
             "cbn_layers_pooling": sum(int(m.history_length) > 0 for m in cbn),
             "mabn_layers_past_warmup": sum(
                 int(m.iters) > max(m.warmup_iters, m.renorm_free_iters, m.buffer_size) for m in mabn
@@ -523,14 +548,17 @@ def markdown(report):
         def layers(name, r):
             return f"{r['norm_layers']}" + (f" ({r[active[name]]} active)" if name in active else "")
 
+        foreground = ", ".join(f"{name} {r['foreground_rois_per_image']:g}" for name, r in detector["results"].items())
+
         lines += [
             "",
             f"## Mask R-CNN training step ({Path(c['config_file']).name}), {c['images']} images of "
             f"{c['image_size']}x{c['image_size']}, norm in FPN + box head + mask head",
             "",
             f"Forward + backward + SGD step; median of {c['measured_steps']} steps after {c['warmup_steps']} warm-up "
-            f"steps; {c['rois_per_image']} RoIs per image; CBN window k={c['cbn_window']}, burn-in 0 "
-            "(active: pooling a non-empty history); MABN active: past warm-up.",
+            f"steps; {c['rois_per_image']} RoIs per image sampled from proposals shared by all variants "
+            f"(foreground RoIs per image: {foreground}); "
+            f"CBN window k={c['cbn_window']}, burn-in 0 (active: pooling a non-empty history); MABN active: past warm-up.",
             "",
             *_results_table(detector["results"], "s", 1.0, extra=("norm layers", layers)),
             "",

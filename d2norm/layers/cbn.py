@@ -111,8 +111,10 @@ def _mean_patch_dot_weight(mean_patch, weight, groups):
 
 
 def _weight_grad_dot_weight(weight_grad, weight):
-    """``<G[c], W[c]>`` for every output channel c; ``weight_grad`` is ``(L, *W.shape)``."""
-    return torch.einsum("lcp,cp->lc", weight_grad.flatten(2), weight.flatten(1))
+    """``<G[c], W[c]>`` for every output channel c; ``weight_grad`` is ``(L, *W.shape)``.
+
+    A broadcast row-wise dot product (one read of the window, no batched matrix-vector products)."""
+    return torch.linalg.vecdot(weight_grad.flatten(2), weight.flatten(1))
 
 
 def pooled_statistics(mean, var, past_mean, past_var, past_valid):
