@@ -13,8 +13,8 @@ from tool_scripts import load_tool
 REPO = Path(__file__).resolve().parents[1]
 bench = load_tool("benchmark_norm")
 
-BLOCK_NORMS = {"BN", "CBN", "MABN", "official-style CBN"}
-TINY = ["--device", "cpu", "--channels", "8", "--size", "6", "--window", "4", "--repeats", "2", "--threads", "1"]
+BLOCK_NORMS = {"BN", "PreciseBN", "CBN floor", "CBN", "MABN", "official-style CBN"}
+TINY = ["--device", "cpu", "--shapes", "8x6", "--window", "4", "--repeats", "2", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,12 +37,15 @@ def block_report(tmp_path_factory):
 
 
 def test_block_report_has_every_variant_and_positive_ratios(block_report):
-    block = block_report["block"]
+    (block,) = block_report["blocks"]
     assert set(block["results"]) == BLOCK_NORMS
     for r in block["results"].values():
         assert len(r["times_s"]) == 2 and _positive(r["time_s"])
         assert _positive(r["peak_bytes"]) and _positive(r["forward_bytes"])
-    assert set(block["ratios"]) == {"CBN/BN", "MABN/BN", "official-style CBN/BN", "CBN/official-style CBN"}
+    assert set(block["ratios"]) == {
+        "PreciseBN/BN", "CBN floor/BN", "CBN/BN", "MABN/BN", "official-style CBN/BN", "CBN/CBN floor",
+        "CBN/official-style CBN",
+    }
     for ratios in block["ratios"].values():
         assert ratios.keys() >= {"time", "peak_memory", "forward_memory"}
         assert all(_positive(v) for v in ratios.values())
@@ -51,15 +54,15 @@ def test_block_report_has_every_variant_and_positive_ratios(block_report):
 
 def test_block_windows_are_full_when_timed(block_report):
     """Warm-up defaults to the window length, so both CBNs pool k-1 past iterations while timed."""
-    assert block_report["block"]["window_filled"] == {"CBN": 3, "official-style CBN": 3, "max": 3}
+    assert block_report["blocks"][0]["window_filled"] == {"CBN": 3, "official-style CBN": 3, "max": 3}
 
 
 def test_window_state_of_ours_is_about_a_third_of_official(block_report):
     """Official: a weight copy and two weight-sized gradients per past iteration (Howal/Cross-iterationBatchNorm CBN.py);
     ours: one weight-sized derivative plus per-channel scalars and one mean patch."""
-    ratio = block_report["block"]["ratios"]["CBN/official-style CBN"]["window_state"]
+    ratio = block_report["blocks"][0]["ratios"]["CBN/official-style CBN"]["window_state"]
     assert 0.2 < ratio < 0.5
-    assert block_report["block"]["results"]["BN"]["window_state_bytes"] == 0
+    assert block_report["blocks"][0]["results"]["BN"]["window_state_bytes"] == 0
 
 
 def test_markdown_table_lists_absolute_numbers_and_ratios(capsys):
@@ -126,10 +129,54 @@ def test_detector_report_has_bn_cbn_mabn_with_active_windows(tmp_path):
         "--detector-size", "64", "--detector-warmup", "1", "--detector-steps", "1",
     ])
     detector = json.loads(path.read_text())["detector"]
-    assert set(detector["results"]) == {"BN", "CBN", "MABN"}
+    assert set(detector["results"]) == {"BN", "PreciseBN", "CBN floor", "CBN", "MABN"}
     for name, r in detector["results"].items():
         assert _positive(r["time_s"]) and _positive(r["peak_bytes"]) and r["norm_layers"] > 0
     assert detector["results"]["CBN"]["cbn_layers_pooling"] == detector["results"]["CBN"]["norm_layers"]
     assert detector["results"]["MABN"]["mabn_layers_past_warmup"] == detector["results"]["MABN"]["norm_layers"]
     for ratios in detector["ratios"].values():
         assert all(_positive(v) for v in ratios.values())
+    # every variant's heads work on the same RoIs (shared proposals), whatever its untrained RPN proposes
+    assert len({r["foreground_rois_per_image"] for r in detector["results"].values()}) == 1
+
+
+def test_cbn_floor_adds_one_weight_gradient_to_convs_that_feed_batch_norm_only(monkeypatch):
+    """The floor is BN plus CBN's unavoidable extra (a conv weight-gradient of the norm's input) and
+    nothing else: same outputs and gradients as BN, one extra pass per norm-fed conv per training step."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    floor = bench.add_cbn_floor(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)),
+        (torch.zeros(2, 3, 5, 5),),
+    )
+    floor.load_state_dict(plain.state_dict())
+    calls = []
+    real = bench.conv2d_weight
+    monkeypatch.setattr(bench, "conv2d_weight", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    x = torch.randn(2, 3, 5, 5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = plain(xa), floor(xb)
+    torch.testing.assert_close(ya, yb)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    assert calls == [torch.Size([4, 3, 3, 3])]  # the first conv only, once
+    with torch.no_grad():
+        floor(x)
+    assert len(calls) == 1  # not in inference
+
+
+def test_default_block_shapes_are_the_two_goal_shapes_and_bad_shapes_are_named():
+    assert bench.parse_args([]).shapes == [(256, 32), (64, 128)]
+    assert bench.parse_args(["--shapes", "64X16"]).shapes == [(64, 16)]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", "256"])
+
+
+def test_every_requested_shape_gets_its_block_section(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    bench.main(TINY[:2] + ["--shapes", "8x6", "4x5"] + TINY[4:] + ["--skip-detector", "--json", str(path)])
+    blocks = json.loads(path.read_text())["blocks"]
+    assert [(b["config"]["channels"], b["config"]["size"]) for b in blocks] == [(8, 6), (4, 5)]
+    out = capsys.readouterr().out
+    assert "conv3x3 8->8 + norm, N=2, 6x6" in out and "conv3x3 4->4 + norm, N=2, 5x5" in out

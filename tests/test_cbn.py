@@ -172,6 +172,23 @@ def test_burn_in_is_batchnorm2d_then_the_window_grows():
     assert int(norm.train_iterations) == 6
 
 
+def test_after_burn_in_the_schedule_is_not_read_back_and_a_loaded_state_restarts_it(monkeypatch):
+    """On a GPU, reading the iteration counter would synchronise every CBN layer of every step: the
+    counter is consulted until burn-in is over, not after; loading a checkpoint taken during burn-in
+    resumes burn-in (plain BN) from the loaded counter."""
+    conv, norm = make_pair(window=3, burnin=2)
+    early = {k: v.clone() for k, v in norm.state_dict().items()}
+    reads = []
+    consult = CrossIterationBatchNorm2d.pools_window
+    monkeypatch.setattr(CrossIterationBatchNorm2d, "pools_window", lambda self: reads.append(1) or consult(self))
+    for t in range(6):
+        train_step(conv, norm, randn(2, 3, 5, 5, seed=t), seed=t, lr=0.1)
+    assert len(reads) == 3  # iterations 0 and 1 (burn-in) and 2 (burn-in found over)
+    norm.load_state_dict(early)
+    train_step(conv, norm, randn(2, 3, 5, 5, seed=9), seed=9, lr=0.1)
+    assert int(norm.history_length) == 0 and int(norm.train_iterations) == 1  # back in burn-in
+
+
 def test_unchanged_weights_pool_the_union_of_equal_batches():
     conv, norm = make_pair(window=3)
     outputs = []

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """Speed and memory of the d2norm layers next to BatchNorm, in one run (``make bench``).
 
-1. A conv3x3 + norm block, forward + backward per step: ``nn.BatchNorm2d``, d2norm's CBN (window k,
-   past burn-in, bound to its conv by ``d2norm.prepare_model``), MABN (past warm-up, weight-centralised
-   conv) and an official-style CBN written here after Howal/Cross-iterationBatchNorm's CBN.py (two ``autograd.grad``
-   calls per step; a weight copy and two weight-sized gradients kept per past iteration).
+1. A conv3x3 + norm block, forward + backward per step, at each ``--shapes`` C x H (default
+   256 x 32 and 64 x 128): ``nn.BatchNorm2d``, d2norm's PreciseBN, CBN (window k, past burn-in,
+   bound to its conv by ``d2norm.prepare_model``), MABN (past warm-up, weight-centralised conv), an
+   official-style CBN written here after Howal/Cross-iterationBatchNorm's CBN.py (two
+   ``autograd.grad`` calls per step; a weight copy and two weight-sized gradients kept per past
+   iteration), and "CBN floor": BN plus the one thing CBN cannot avoid, a second weight-gradient
+   pass of the conv (d var/dW, CBN paper Sec. 3.3) computed in the conv's forward.
 2. One Mask R-CNN R50-FPN training step (forward, backward, SGD step) on a synthetic batch of two
-   images, with BN, CBN or MABN in the FPN, the 4conv1fc box head and the mask head.
+   images, with BN, PreciseBN, CBN, MABN or the CBN floor in the FPN, the 4conv1fc box head and the
+   mask head.
 
 Measured steps run in rounds, each round one step of every variant in turn; times are medians over
 rounds, and time ratios medians of the per-round ratios, so a change in machine load between rounds
@@ -28,17 +32,23 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.nn.grad import conv2d_weight
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import d2norm
-from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+from d2norm.binding import conv_norm_pairs
+from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.weight_centralization import is_weight_centralized
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DETECTOR_CONFIG = REPO / "configs" / "CBN" / "mask_rcnn_R_50_FPN_1x_bn.yaml"
 MIB = 2.0**20
-NORM_TYPES = {"BN": nn.BatchNorm2d, "CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d}
+NORM_TYPES = {
+    "BN": nn.BatchNorm2d, "PreciseBN": PreciseBatchNorm2d, "CBN": CrossIterationBatchNorm2d,
+    "MABN": MovingAverageBatchNorm2d,
+}
+FLOOR = "CBN floor"  # BN + one more conv weight-gradient per norm-fed conv
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -202,6 +212,22 @@ def skip_mabn_warmup(model):
             m.iters.fill_(max(m.iters.item(), m.warmup_iters, m.renorm_free_iters, m.buffer_size))
 
 
+def _weight_gradient_of_output(conv, args, output):
+    """The extra work CBN cannot avoid: d var/dW needs a weight-gradient pass of the conv with its
+    own (centred) output as ``grad_output`` (CBN paper, Sec. 3.3)."""
+    if conv.training and torch.is_grad_enabled():
+        with torch.no_grad():
+            conv2d_weight(args[0], conv.weight.shape, output, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def add_cbn_floor(model, example_inputs=None):
+    """Give every conv that feeds a BatchNorm of ``model`` the weight-gradient pass CBN adds (in place)."""
+    pairs = conv_norm_pairs(model, example_inputs, norm_types=(nn.BatchNorm2d,))
+    for conv, _ in pairs:
+        conv.register_forward_hook(_weight_gradient_of_output)
+    return model
+
+
 def build_blocks(channels, window, device):
     def conv():
         torch.manual_seed(0)
@@ -210,6 +236,8 @@ def build_blocks(channels, window, device):
     example = (torch.zeros(2, channels, 4, 4),)
     blocks = {
         "BN": nn.Sequential(conv(), nn.BatchNorm2d(channels)),
+        "PreciseBN": nn.Sequential(conv(), PreciseBatchNorm2d(channels)),
+        FLOOR: add_cbn_floor(nn.Sequential(conv(), nn.BatchNorm2d(channels)), example),
         "CBN": d2norm.prepare_model(nn.Sequential(conv(), CrossIterationBatchNorm2d(channels, window=window)),
                                     example_inputs=example),
         "MABN": d2norm.prepare_model(nn.Sequential(conv(), MovingAverageBatchNorm2d(channels)),
@@ -221,13 +249,15 @@ def build_blocks(channels, window, device):
     return {name: block.to(device).train() for name, block in blocks.items()}
 
 
-def run_block_benchmark(args, device):
-    """Forward + backward of conv3x3 + norm; the conv weight moves by an SGD step between steps."""
+def run_block_benchmark(args, channels, size, device):
+    """Forward + backward of conv3x3 + norm at C = ``channels``, H = W = ``size``; the conv weight
+    moves by an SGD step between steps."""
     gen = torch.Generator().manual_seed(0)
-    shape = (args.batch, args.channels, args.size, args.size)
+    shape = (args.batch, channels, size, size)
     x = torch.randn(shape, generator=gen).to(device).requires_grad_()
     grad_out = torch.randn(shape, generator=gen).to(device)
-    blocks = build_blocks(args.channels, args.window, device)
+    blocks = build_blocks(channels, args.window, device)
+    where = f"block C={channels}, {size}x{size}"
 
     def backward(y):
         y.backward(grad_out)
@@ -242,7 +272,7 @@ def run_block_benchmark(args, device):
     times = {name: [] for name in blocks}
     rounds = args.warmup + args.repeats
     for i in range(rounds):
-        progress(f"block: round {i + 1}/{rounds} ({'warm-up' if i < args.warmup else 'measured'}), "
+        progress(f"{where}: round {i + 1}/{rounds} ({'warm-up' if i < args.warmup else 'measured'}), "
                  f"one step each of {', '.join(blocks)}")
         for name, block in blocks.items():
             seconds = timed(lambda: block(x), backward, device)
@@ -250,7 +280,7 @@ def run_block_benchmark(args, device):
             if i >= args.warmup:
                 times[name].append(seconds)
     results = {}
-    progress("block: one more step each for peak memory")
+    progress(f"{where}: one more step each for peak memory")
     for name, block in blocks.items():
         after_forward, peak = step_memory(lambda: block(x), backward, device)
         update(block)
@@ -265,16 +295,15 @@ def run_block_benchmark(args, device):
     official = blocks["official-style CBN"].norm
     return {
         "config": {
-            "batch": args.batch, "channels": args.channels, "size": args.size, "window": args.window,
+            "batch": args.batch, "channels": channels, "size": size, "window": args.window,
             "warmup_steps": args.warmup, "measured_steps": args.repeats, "input_requires_grad": True,
         },
         "window_filled": {"CBN": int(cbn.history_length), "official-style CBN": len(official.history),
                           "max": args.window - 1},
         "results": results,
         "ratios": {
-            "CBN/BN": _ratios(results["CBN"], results["BN"]),
-            "MABN/BN": _ratios(results["MABN"], results["BN"]),
-            "official-style CBN/BN": _ratios(results["official-style CBN"], results["BN"]),
+            **{f"{name}/BN": _ratios(results[name], results["BN"]) for name in results if name != "BN"},
+            f"CBN/{FLOOR}": _ratios(results["CBN"], results[FLOOR]),
             "CBN/official-style CBN": _ratios(results["CBN"], results["official-style CBN"], state=True),
         },
     }
@@ -294,11 +323,13 @@ def _ratios(a, b, state=False):
 
 
 # ----------------------------------------------------------------------------- detector benchmark
-def build_detector(norm, args, device):
+def build_detector(variant, args, device):
+    """Mask R-CNN with ``variant``'s norm in the FPN and heads (``FLOOR``: BN plus CBN's extra pass)."""
     from detectron2.config import get_cfg
 
     from d2norm.modeling import build_model
 
+    norm = "BN" if variant == FLOOR else variant
     cfg = get_cfg()
     d2norm.add_d2norm_config(cfg)
     cfg.merge_from_file(str(args.detector_config))
@@ -309,6 +340,8 @@ def build_detector(norm, args, device):
     ])
     torch.manual_seed(0)
     model = build_model(cfg).train()
+    if variant == FLOOR:
+        add_cbn_floor(model)
     skip_mabn_warmup(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.detector_lr, momentum=0.9)
@@ -337,13 +370,36 @@ def synthetic_batch(size, num_images=2, objects=4, num_classes=80):
     return batch
 
 
-def run_detector_benchmark(args, device):
-    """One training step (forward, backward, SGD step) of Mask R-CNN per norm, interleaved."""
-    from detectron2.utils.events import EventStorage
+def share_proposals(models):
+    """Feed every model's ROI heads the proposals of the first model's first step (in place).
 
-    norms = tuple(NORM_TYPES)
+    Untrained RPNs propose different boxes for different norms, so the number of foreground RoIs,
+    and with it the mask head's work, would differ between the variants; with shared proposals every
+    variant samples from the same RoIs and only the norm's own cost differs. The RPN still runs
+    (its cost and losses stay in the step)."""
+    from detectron2.structures import Instances
+
+    shared = []
+
+    def replace(module, args, output):
+        proposals, losses = output
+        if not shared:
+            shared.extend(proposals)  # detectron2's RPN returns them without gradient
+        return [Instances(p.image_size, **p.get_fields()) for p in shared], losses
+
+    for model in models:
+        model.proposal_generator.register_forward_hook(replace)
+
+
+def run_detector_benchmark(args, device):
+    """One training step (forward, backward, SGD step) of Mask R-CNN per norm, interleaved, on the
+    same images and proposals (:func:`share_proposals`)."""
+    from detectron2.utils.events import EventStorage, get_event_storage
+
+    norms = ("BN", "PreciseBN", FLOOR, "CBN", "MABN")
     progress(f"detector: building Mask R-CNN with {', '.join(norms)}")
     models = {norm: build_detector(norm, args, device) for norm in norms}
+    share_proposals(model for _, model, _ in models.values())
     cfg = models["BN"][0]
     batch = synthetic_batch(args.detector_size, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
@@ -364,7 +420,7 @@ def run_detector_benchmark(args, device):
 
     steps = {norm: step_of(model, optimizer) for norm, (_, model, optimizer) in models.items()}
     times = {norm: [] for norm in norms}
-    memory = {}
+    memory, foreground = {}, {}
     with EventStorage(0):  # detectron2's losses log into it
         rounds = args.detector_warmup + args.detector_steps
         for i in range(rounds):
@@ -372,6 +428,7 @@ def run_detector_benchmark(args, device):
                      f"one training step each of {', '.join(norms)}")
             for norm, (forward, backward) in steps.items():
                 seconds = timed(forward, backward, device)
+                foreground[norm] = get_event_storage().history("roi_head/num_fg_samples").latest()
                 if i >= args.detector_warmup:
                     times[norm].append(seconds)
         progress("detector: one more step each for peak memory")
@@ -388,7 +445,8 @@ def run_detector_benchmark(args, device):
             "forward_bytes": memory[norm][0],
             "peak_bytes": memory[norm][1],
             "window_state_bytes": window_state_bytes(model),
-            "norm_layers": sum(type(m) is NORM_TYPES[norm] for m in model.modules()),
+            "norm_layers": sum(type(m) is NORM_TYPES.get(norm, nn.BatchNorm2d) for m in model.modules()),
+            "foreground_rois_per_image": foreground[norm],
             "cbn_layers_pooling": sum(int(m.history_length) > 0 for m in cbn),
             "mabn_layers_past_warmup": sum(
                 int(m.iters) > max(m.warmup_iters, m.renorm_free_iters, m.buffer_size) for m in mabn
@@ -402,7 +460,10 @@ def run_detector_benchmark(args, device):
             "sgd_lr": args.detector_lr, "opts": list(args.detector_opts),
         },
         "results": results,
-        "ratios": {name + "/BN": _ratios(results[name], results["BN"]) for name in ("CBN", "MABN")},
+        "ratios": {
+            **{name + "/BN": _ratios(results[name], results["BN"]) for name in norms if name != "BN"},
+            f"CBN/{FLOOR}": _ratios(results["CBN"], results[FLOOR]),
+        },
     }
 
 
@@ -446,25 +507,16 @@ def _results_table(results, time_unit, time_scale, extra=None):
     return lines
 
 
-def markdown(report):
-    env = report["environment"]
-    lines = [
-        "# d2norm norm benchmark", "",
-        f"torch {env['torch']} on {env.get('gpu', env['device'])}; {env['torch_threads']} threads, "
-        f"{env['cpu_count']} CPUs; load average (1 min) {env['load_average_1_5_15'][0]:.2f} before, "
-        f"{report['load_average_after'][0]:.2f} after.",
-        f"Memory: bytes above the allocation at the start of a step; {report['memory_method']}.", "",
-    ]
-    block = report["block"]
+def _block_section(block):
     c, filled = block["config"], block["window_filled"]
-    lines += [
+    lines = [
         f"## conv3x3 {c['channels']}->{c['channels']} + norm, N={c['batch']}, {c['size']}x{c['size']}: "
         "forward + backward",
         "",
         f"Median of {c['measured_steps']} steps after {c['warmup_steps']} warm-up steps; CBN window k={c['window']} "
         f"(stored iterations: ours {filled['CBN']}, official-style {filled['official-style CBN']}, "
         f"of {filled['max']}); "
-        "MABN past warm-up, centralised conv.",
+        f"MABN past warm-up, centralised conv; {FLOOR}: BN plus one more conv weight-gradient.",
         "",
         *_results_table(block["results"], "ms", 1e3),
         "",
@@ -474,6 +526,20 @@ def markdown(report):
     for name, r in block["ratios"].items():
         state = f"{r['window_state']:.2f}" if "window_state" in r else ""
         lines.append(_row([name, f"{r['time']:.2f}", f"{r['peak_memory']:.2f}", f"{r['forward_memory']:.2f}", state]))
+    return lines + [""]
+
+
+def markdown(report):
+    env = report["environment"]
+    lines = [
+        "# d2norm norm benchmark", "",
+        f"torch {env['torch']} on {env.get('gpu', env['device'])}; {env['torch_threads']} threads, "
+        f"{env['cpu_count']} CPUs; load average (1 min) {env['load_average_1_5_15'][0]:.2f} before, "
+        f"{report['load_average_after'][0]:.2f} after.",
+        f"Memory: bytes above the allocation at the start of a step; {report['memory_method']}.", "",
+    ]
+    for block in report["blocks"]:
+        lines += _block_section(block)
     detector = report.get("detector")
     if detector:
         c = detector["config"]
@@ -482,18 +548,34 @@ def markdown(report):
         def layers(name, r):
             return f"{r['norm_layers']}" + (f" ({r[active[name]]} active)" if name in active else "")
 
+        foreground = ", ".join(f"{name} {r['foreground_rois_per_image']:g}" for name, r in detector["results"].items())
+
         lines += [
             "",
             f"## Mask R-CNN training step ({Path(c['config_file']).name}), {c['images']} images of "
             f"{c['image_size']}x{c['image_size']}, norm in FPN + box head + mask head",
             "",
             f"Forward + backward + SGD step; median of {c['measured_steps']} steps after {c['warmup_steps']} warm-up "
-            f"steps; {c['rois_per_image']} RoIs per image; CBN window k={c['cbn_window']}, burn-in 0 "
-            "(active: pooling a non-empty history); MABN active: past warm-up.",
+            f"steps; {c['rois_per_image']} RoIs per image sampled from proposals shared by all variants "
+            f"(foreground RoIs per image: {foreground}); "
+            f"CBN window k={c['cbn_window']}, burn-in 0 (active: pooling a non-empty history); MABN active: past warm-up.",
             "",
             *_results_table(detector["results"], "s", 1.0, extra=("norm layers", layers)),
+            "",
+            _row(["ratio", "time", "peak memory"]),
+            _row(["---", "---:", "---:"]),
+            *(_row([name, f"{r['time']:.2f}", f"{r['peak_memory']:.2f}"]) for name, r in detector["ratios"].items()),
         ]
     return "\n".join(lines)
+
+
+def _block_shape(text):
+    """``"256x32"`` -> (256, 32)."""
+    try:
+        channels, size = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block shapes are CxS, e.g. 256x32 (C channels, SxS pixels), got {text!r}")
+    return channels, size
 
 
 def parse_args(argv=None):
@@ -501,8 +583,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch", type=int, default=2, help="block: N (default: 2)")
-    p.add_argument("--channels", type=int, default=256, help="block: C_in = C_out (default: 256)")
-    p.add_argument("--size", type=int, default=None, help="block: H = W (default: 32 on CPU, 64 on CUDA)")
+    p.add_argument("--shapes", nargs="+", type=_block_shape, default=None, metavar="CxS",
+                   help="block: C_in = C_out and H = W of each block benchmark "
+                        "(default: 256x32 64x128 on CPU, 256x64 64x256 on CUDA)")
     p.add_argument("--window", type=int, default=8, help="CBN window k, ours and official-style (default: 8)")
     p.add_argument("--warmup", type=int, default=None, help="block: warm-up steps (default: the window, so it fills)")
     p.add_argument("--repeats", type=int, default=10, help="block: measured steps (default: 10)")
@@ -518,8 +601,8 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.size is None:
-        args.size = 64 if device.type == "cuda" else 32
+    if args.shapes is None:
+        args.shapes = [(256, 64), (64, 256)] if device.type == "cuda" else [(256, 32), (64, 128)]
     if args.warmup is None:
         args.warmup = args.window
     if min(args.repeats, args.detector_steps) < 1 or args.window < 2:
@@ -533,7 +616,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     report = {"environment": environment(device), "memory_method": memory_method(device)}
-    report["block"] = run_block_benchmark(args, device)
+    report["blocks"] = [run_block_benchmark(args, channels, size, device) for channels, size in args.shapes]
     report["detector"] = None if args.skip_detector else run_detector_benchmark(args, device)
     report["load_average_after"] = list(os.getloadavg())
     print(markdown(report))

@@ -39,7 +39,8 @@ from .per_channel import (
 from .recomputation import refuse_recomputation
 
 __all__ = [
-    "CrossIterationBatchNorm2d", "conv_statistic_gradients", "cross_iteration_batch_norm", "pooled_statistics",
+    "CrossIterationBatchNorm2d", "conv_statistic_gradients", "cross_iteration_batch_norm", "mean_input_patch",
+    "pooled_statistics",
 ]
 
 # Buffers holding the window; restored or reset together (see _load_from_state_dict).
@@ -55,6 +56,25 @@ _WINDOW_STATE = (
 )
 
 
+def mean_input_patch(conv_input, kernel_size, stride, padding, dilation):
+    """(1/M) sum_m p_m, the mean over the M = N H_out W_out output positions of the conv's input
+    patch (zero padding included): a ``(C_in, kh, kw)`` tensor.
+
+    Tap (u, v) of the patch sums the input over the output grid shifted by (u, v) times the
+    dilation. The sum is separable: one strided slice sum per kernel row over the batch-summed,
+    padded input, then one per kernel column (a few passes over one image, where a conv
+    weight-gradient would unfold the whole batch).
+    """
+    n, _, h, w = conv_input.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    image = F.pad(conv_input.sum(0), (pw, pw, ph, ph))
+    rows = torch.stack([image[:, u * dh: u * dh + (h_out - 1) * sh + 1: sh].sum(1) for u in range(kh)], 1)
+    taps = torch.stack([rows[:, :, v * dw: v * dw + (w_out - 1) * sw + 1: sw].sum(2) for v in range(kw)], 2)
+    return taps / (n * h_out * w_out)
+
+
 def conv_statistic_gradients(conv_input, conv_output, mean, weight_shape, stride, padding, dilation, groups):
     """Per-output-channel derivatives of the batch mean and biased variance of a conv output w.r.t.
     the conv weight, without autograd (CBN paper, Sec. 3.3: only the diagonal blocks are non-zero).
@@ -63,23 +83,22 @@ def conv_statistic_gradients(conv_input, conv_output, mean, weight_shape, stride
     nothing) and ``mean`` is its per-channel mean. Both Jacobians are block-diagonal over output
     channels, so only the diagonal blocks are returned:
 
-    - d mean_c / d W[c] is the mean input patch (zero padding included), identical for every output
-      channel of a group: returned once per group, as a ``(C_in, kh, kw)`` tensor whose channel
-      slice ``[g*C_in/groups, (g+1)*C_in/groups)`` belongs to group g;
-    - d var_c / d W[c] = (2/M) sum_m (x_c(m) - mean_c) p_m, the conv weight-gradient for
-      ``grad_output = 2 (x - mean) / M``: returned with the weight's shape.
+    - d mean_c / d W[c] = (1/M) sum_m p_m, the mean input patch (:func:`mean_input_patch`),
+      identical for every output channel of a group: returned once, as a ``(C_in, kh, kw)`` tensor
+      whose channel slice ``[g*C_in/groups, (g+1)*C_in/groups)`` belongs to group g;
+    - d var_c / d W[c] = (2/M) sum_m (x_c(m) - mean_c) p_m, returned with the weight's shape.
+
+    The variance term is a conv weight-gradient, linear in its ``grad_output``: it is computed as
+    ``(2/M) conv2d_weight(input, x) - 2 mean_c * mean patch``, with the conv output itself as the
+    ``grad_output`` (no centred copy of the activation).
     """
-    n, _, h, w = conv_output.shape
-    count = n * h * w
-    # The weight-gradient is linear in the input, and this grad_output is the same for every
-    # sample: one pass over the batch-summed input, with one output channel per group.
-    mean_patch = conv2d_weight(
-        conv_input.sum(0, keepdim=True), (groups, *weight_shape[1:]),
-        conv_output.new_full((1, groups, h, w), 1.0 / count), stride, padding, dilation, groups,
+    n, c_out, h, w = conv_output.shape
+    mean_patch = mean_input_patch(conv_input, weight_shape[2:], stride, padding, dilation)
+    var_grad = conv2d_weight(conv_input, weight_shape, conv_output, stride, padding, dilation, groups).contiguous()
+    var_grad.view(groups, c_out // groups, -1).mul_(2.0 / (n * h * w)).addcmul_(
+        mean.view(groups, -1, 1), mean_patch.view(groups, 1, -1), value=-2.0
     )
-    centred = (conv_output - per_channel(mean)) * (2.0 / count)
-    var_grad = conv2d_weight(conv_input, weight_shape, centred, stride, padding, dilation, groups)
-    return mean_patch.reshape(-1, *weight_shape[2:]), var_grad
+    return mean_patch, var_grad
 
 
 def _mean_patch_dot_weight(mean_patch, weight, groups):
@@ -92,8 +111,10 @@ def _mean_patch_dot_weight(mean_patch, weight, groups):
 
 
 def _weight_grad_dot_weight(weight_grad, weight):
-    """``<G[c], W[c]>`` for every output channel c; ``weight_grad`` is ``(L, *W.shape)``."""
-    return torch.einsum("lcp,cp->lc", weight_grad.flatten(2), weight.flatten(1))
+    """``<G[c], W[c]>`` for every output channel c; ``weight_grad`` is ``(L, *W.shape)``.
+
+    A broadcast row-wise dot product (one read of the window, no batched matrix-vector products)."""
+    return torch.linalg.vecdot(weight_grad.flatten(2), weight.flatten(1))
 
 
 def pooled_statistics(mean, var, past_mean, past_var, past_valid):
@@ -111,42 +132,50 @@ def pooled_statistics(mean, var, past_mean, past_var, past_valid):
 
 
 class _CrossIterationBatchNormFunction(torch.autograd.Function):
-    """Normalise with the current batch's statistics pooled with fixed past ones (official ``CBatchNorm2d.forward``)."""
+    """Normalise with the current batch's statistics pooled with fixed past ones (official ``CBatchNorm2d.forward``).
+
+    Both directions run on torch's fused BatchNorm kernels. Forward: the inference form of
+    ``F.batch_norm`` with the pooled statistics, y = gamma (x - mean_p) / sqrt(var_p + eps) + beta.
+    Backward: with x_hat = (x - mean_p) / sqrt(var_p + eps), s = gamma / sqrt(var_p + eps) and n = k M
+    (k pooled entries of M = N H W values), the gradient through the current batch's statistics is
+
+        dL/dx = s (g - sum(g) / n - x_hat sum(g x_hat) / n),
+
+    BN's backward with both batch terms divided by the k entries: ``native_batch_norm_backward``
+    gives sum(g) and sum(g x_hat) in one reduction, and dL/dx = s g + A x + B per channel.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, past_mean, past_var, past_valid, eps):
         dtype = mean.dtype
         pooled_mean, pooled_var, count = pooled_statistics(mean, var, past_mean, past_var, past_valid)
-        inv_std = torch.rsqrt(pooled_var + eps)
-        scale = inv_std if weight is None else inv_std * weight.to(dtype)
-        y = (x.to(dtype) - per_channel(pooled_mean)) * per_channel(scale)
-        if bias is not None:
-            y = y + per_channel(bias.to(dtype))
-        ctx.save_for_backward(x, weight, pooled_mean, inv_std, count)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.to(x.dtype)
+        gamma = torch.ones_like(mean) if weight is None else weight.to(dtype)
+        beta = None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(x, gamma, pooled_mean, pooled_var, count)
+        ctx.eps = eps
+        ctx.affine_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return F.batch_norm(x, pooled_mean, pooled_var, gamma, beta, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, pooled_mean, inv_std, count = ctx.saved_tensors
-        dtype = pooled_mean.dtype
-        g = grad_y.to(dtype)
-        x_hat = (x.to(dtype) - per_channel(pooled_mean)) * per_channel(inv_std)
-        sum_g = g.sum(REDUCE_DIMS)
-        sum_g_x_hat = (g * x_hat).sum(REDUCE_DIMS)
+        x, gamma, pooled_mean, pooled_var, count = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.affine_dtypes
+        _, sum_g_x_hat, sum_g = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, gamma, pooled_mean, pooled_var, None, None, False, ctx.eps, [False, True, True]
+        )
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            # BN backward with both batch-statistic terms divided by the valid count.
-            per_batch = count * (x.numel() // x.shape[1])
-            scale = inv_std if weight is None else inv_std * weight.to(dtype)
-            grad_x = per_channel(scale) * (
-                g - per_channel(sum_g / per_batch) - x_hat * per_channel(sum_g_x_hat / per_batch)
-            )
-            grad_x = grad_x.to(x.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = sum_g_x_hat.to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = sum_g.to(ctx.bias_dtype)
+            inv_std = torch.rsqrt(pooled_var + ctx.eps)
+            scale = gamma * inv_std
+            per_entry = scale / (count * (x.numel() // x.shape[1]))
+            slope = -per_entry * inv_std * sum_g_x_hat
+            offset = -per_entry * sum_g - slope * pooled_mean
+            grad_x = torch.addcmul(per_channel(offset), x, per_channel(slope))
+            grad_x = grad_x.addcmul_(grad_y, per_channel(scale)).to(x.dtype)
+        if weight_dtype is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_g_x_hat.to(weight_dtype)
+        if bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = sum_g.to(bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -186,7 +215,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     leaves the window and the counter untouched. The window needs the conv that feeds the layer:
     :meth:`bind_conv` (called by ``d2norm.prepare_model``).
 
-    A training batch whose mean or variance is not finite updates neither the window nor the
+    The schedule runs on the device: after burn-in, a training forward reads nothing back to the
+    host. A training batch whose mean or variance is not finite updates neither the window nor the
     running statistics (``train_iterations`` still counts it); ``nonfinite_skips`` (per process,
     not saved) counts such batches.
     """
@@ -216,6 +246,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self._conv_ref = None  # weakref to the bound conv (never a submodule: that is a module cycle)
         self._conv_hook = None
         self._conv_call = None  # (conv, conv input) of the current forward, set by the conv's pre-hook
+        self._pooling = False  # burn-in known to be over (the counter only grows until a state is loaded)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, window={self.window}, burnin_iters={self.burnin_iters}"
@@ -268,7 +299,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0:
             return self._batch_norm(x)
         refuse_recomputation(self)
-        pools = self.pools_window()
+        if not self._pooling:  # reads the counter on the host until burn-in ends, never after
+            self._pooling = self.pools_window()
+        pools = self._pooling
         self.train_iterations.add_(1)
         if not pools:
             return self._batch_norm(x)
@@ -325,7 +358,10 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         dtype = statistics_dtype(x)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             xs = x.detach().to(dtype)
-            var, mean = torch.var_mean(xs, dim=REDUCE_DIMS, correction=0)
+            # Two passes (mean, then the centred second moment): exact like torch.var_mean and,
+            # over (N, H, W) of an NCHW tensor on CPU, several times faster than its one-pass kernel.
+            mean = xs.mean(dim=REDUCE_DIMS)
+            var = (xs - per_channel(mean)).square_().mean(dim=REDUCE_DIMS)
             weight = conv.weight.detach().to(dtype)
             past_mean, past_var, past_valid = self._compensated_history(weight, conv.groups)
             finite = all_finite(mean, var)
@@ -388,6 +424,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         """A checkpoint without window state (``nn.BatchNorm2d``) or with an empty window loads with
         an empty window whatever the conv; an unbound layer takes the checkpoint's derivative-buffer
         shapes."""
+        self._pooling = False
         state_dict.setdefault(prefix + "train_iterations", self.train_iterations)
         var_grad_key = prefix + "history_var_grad"
         if var_grad_key in state_dict and state_dict[var_grad_key].dim() == 5:  # saved before it was flattened
@@ -420,5 +457,6 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
 
     def __setstate__(self, state):
         conv = state.pop("_conv_ref", None)
+        state.setdefault("_pooling", False)
         super().__setstate__(state)
         self._conv_ref = None if conv is None else weakref.ref(conv)

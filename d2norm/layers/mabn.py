@@ -12,6 +12,7 @@ import logging
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .per_channel import REDUCE_DIMS, keep_float32_buffers, per_channel, register_affine, statistics_dtype
@@ -35,38 +36,43 @@ class _MovingAverageNormFunction(torch.autograd.Function):
     overflow step does not poison the next m iterations, and only if the forward ``advanced`` the
     state), Ψ̄ = mean over ``buffer_gz`` in SMAS
     mode else Ψ, and ∂L/∂x = (g − z·Ψ̄)/√(var+eps); ∂L/∂γ = Σ G·r·z, ∂L/∂β = Σ G.
+
+    Both directions run on torch's fused BatchNorm kernels: the forward is the inference form of
+    ``F.batch_norm`` with mean 0, variance ``var`` and weight γ·r; in the backward one
+    ``native_batch_norm_backward`` of that form gives G·γ·r/√(var+eps), Σ G·z and Σ G, so
+    Ψ = γ·r·Σ G·z / (NHW) and ∂L/∂x = G·γ·r/√(var+eps) − x·Ψ̄/(var+eps) (one more pass).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, var, r, eps, buffer_gz, slot, use_smas, advanced):
-        inv_std = torch.rsqrt(var + eps)
-        scale = inv_std * r if weight is None else inv_std * r * weight.to(var.dtype)
-        shift = torch.zeros_like(var) if bias is None else bias
-        ctx.save_for_backward(x, weight, inv_std, r)
+        gain = r if weight is None else r * weight.to(var.dtype)
+        beta = None if bias is None else bias.to(var.dtype)
+        zero_mean = torch.zeros_like(var)
+        ctx.save_for_backward(x, weight, var, r, gain, zero_mean)
+        ctx.eps = eps
         # Not saved tensors: backward writes the current slot and reads the others as they are then.
         ctx.buffer_gz, ctx.slot, ctx.use_smas, ctx.advanced = buffer_gz, slot, use_smas, advanced
-        return _channel_affine(x, scale, shift)
+        return F.batch_norm(x, zero_mean, var, gain, beta, False, 0.0, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, inv_std, r = ctx.saved_tensors
+        x, weight, var, r, gain, zero_mean = ctx.saved_tensors
         buffer_gz = ctx.buffer_gz
-        grad_out = grad_out.to(inv_std.dtype)
-        z = x.to(inv_std.dtype) * per_channel(inv_std)
-        gain = r if weight is None else r * weight.to(r.dtype)
-        g = grad_out * per_channel(gain)
-        psi = (g * z).mean(dim=REDUCE_DIMS)
+        grad_x, sum_grad_z, sum_grad = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, gain, zero_mean, var, None, None, False, ctx.eps, [True, True, True]
+        )
+        psi = gain * sum_grad_z / (x.numel() // x.shape[1])
         previous = buffer_gz.index_select(0, ctx.slot)[0]
         stored = torch.where(psi.isfinite() & ctx.advanced, psi.to(buffer_gz.dtype), previous)
         buffer_gz.index_copy_(0, ctx.slot, stored[None])
         psi_bar = torch.where(ctx.use_smas, buffer_gz.mean(dim=0).to(psi.dtype), psi)
-        grad_x = ((g - z * per_channel(psi_bar)) * per_channel(inv_std)).to(x.dtype)
+        grad_x = grad_x.to(var.dtype).addcmul_(x, per_channel(-psi_bar / (var + ctx.eps))).to(x.dtype)
         grad_weight = grad_bias = None  # weight and bias are both None or both Parameters (affine)
         if ctx.needs_input_grad[1]:
-            grad_weight = ((grad_out * z).sum(dim=REDUCE_DIMS) * r).to(weight.dtype)
+            grad_weight = (sum_grad_z * r).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum(dim=REDUCE_DIMS).to(weight.dtype)
+            grad_bias = sum_grad.to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
