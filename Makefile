@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.d2norm-setup
-DEMO_CONFIG ?= configs/demo/mask_rcnn_R_18_FPN_CBN_shapes.yaml
+DEMO_CONFIG ?= configs/demo/mask_rcnn_R_18_FPN_MABN_shapes.yaml
 # One folder per demo config: output/demo/<config file name without .yaml>.
 DEMO_OUTPUT ?= output/demo/$(basename $(notdir $(DEMO_CONFIG)))
 # Config overrides for `make demo`, e.g. ARGS="SOLVER.MAX_ITER 100 SEED 1".

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo" / "mask_rcnn_R_18_FPN_CBN_shapes.yaml"
+DEMO = REPO / "configs" / "demo" / "mask_rcnn_R_18_FPN_MABN_shapes.yaml"
 # Box AP measured for the shipped demo (README, Measurements), minus a margin for run-to-run noise.
 MIN_BOX_AP = 22.0  # measured: 27.0 (seed 0)
 

@@ -19,7 +19,7 @@ from d2norm.config import D2NormConfigError
 from d2norm.conv_inputs import find_norm_inputs
 from d2norm.data import register_shapes_split
 from d2norm.hooks import build_norm_hooks
-from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+from d2norm.layers import MovingAverageBatchNorm2d
 from d2norm.layers.per_level import PerLevelNorm
 from d2norm.layers.precise_bn import NotRecalibratedError
 from d2norm.modeling import build_model
@@ -28,7 +28,7 @@ from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-DEMO = "demo/mask_rcnn_R_18_FPN_CBN_shapes"
+DEMO = "demo/mask_rcnn_R_18_FPN_MABN_shapes"
 LAZY_CONFIGS = sorted(
     p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.py")
     if p.parent.name != "common" and not p.name.startswith("base_")
@@ -96,8 +96,9 @@ def test_yaml_and_lazyconfig_demo_build_the_same_model():
     assert module_settings(lazy_model) == module_settings(yaml_model)
     assert [(n, p.shape) for n, p in lazy_model.named_parameters()] == \
         [(n, p.shape) for n, p in yaml_model.named_parameters()]
-    cbns = [m for m in lazy_model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
-    assert len(cbns) == 12 and all((m.window, m.burnin_iters) == (4, 100) for m in cbns)
+    mabns = [m for m in lazy_model.modules() if isinstance(m, MovingAverageBatchNorm2d)]
+    assert len(mabns) == 12
+    assert all((m.buffer_size, m.warmup_iters, m.renorm_free_iters) == (16, 100, 1000) for m in mabns)
     pairs = [[(i.name, i.conv_name) for i in find_norm_inputs(m)] for m in (yaml_model, lazy_model)]
     assert pairs[0] == pairs[1] and len(pairs[0]) == 12
 
@@ -116,7 +117,7 @@ def _groups_by_name(model, optimizer):
 ])
 def test_yaml_and_lazyconfig_demo_give_the_same_optimizer_groups(yaml_opts, lazy_overrides):
     """Every d2norm layer counts as a norm (WEIGHT_DECAY_NORM), in both paths."""
-    cfg, lazy_cfg = yaml_demo("MODEL.FPN.NORM", "MABN", *yaml_opts), lazy_demo("model.backbone.norm=MABN", *lazy_overrides)
+    cfg, lazy_cfg = yaml_demo(*yaml_opts), lazy_demo(*lazy_overrides)
     yaml_model, lazy_model = build_model(cfg), lazy.build_model(lazy_cfg)
     yaml_groups = _groups_by_name(yaml_model, build_optimizer(cfg, yaml_model))
     lazy_groups = _groups_by_name(lazy_model, lazy.build_optimizer(lazy_cfg, lazy_model))
@@ -146,6 +147,7 @@ def test_yaml_and_lazyconfig_demo_get_the_same_norm_hooks(tiny_splits):
 
 TWINS = [  # LazyConfig twins of YAML configs: the same experiment
     DEMO,
+    "demo/mask_rcnn_R_18_FPN_CBN_shapes",
     "CBN/mask_rcnn_R_50_FPN_1x_cbn",
     "MABN/mask_rcnn_R_50_FPN_2x_scratch_mabn",
     "MABN/retinanet_R_50_FPN_2x_scratch_mabn",
