@@ -16,7 +16,7 @@ from detectron2.data import build_detection_train_loader
 
 import d2norm
 
-DEFAULT_CONFIG = "configs/demo/mask_rcnn_R_18_FPN_CBN_shapes.yaml"
+DEFAULT_CONFIG = "configs/demo/mask_rcnn_R_18_FPN_MABN_shapes.yaml"
 
 
 def parse_args():
