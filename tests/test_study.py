@@ -218,6 +218,10 @@ def test_the_shipped_study_files_load_and_name_existing_configs():
     assert {c.seed for c in cells} >= {1, 2, 3}
     paper = load_study(REPO / "benchmarks" / "paper" / "coco_small_batch.yaml")
     assert {c.config_stem for c in paper} >= {"mask_rcnn_R_50_FPN_1x_cbn", "mask_rcnn_R_50_FPN_2x_scratch_mabn"}
+    (reference,) = load_study(REPO / "benchmarks" / "small_batch" / "large_batch_reference.yaml")
+    # the same-iterations reference: the study's config and schedule, 8x the images per iteration
+    assert reference.config == cells[0].config and reference.variant.overrides["SOLVER.IMS_PER_BATCH"] == 16
+    assert "SOLVER.MAX_ITER" not in reference.variant.overrides
     assert all((REPO / c.config).is_file() for c in cells + paper)
 
 
