@@ -146,6 +146,7 @@ def test_window_one_is_batchnorm2d_exactly():
         for key in expected:
             assert torch.equal(got[key], expected[key]), (t, key)
         assert_state_equal(state(bn), {k: v for k, v in state(norm).items() if k in bn.state_dict()})
+    assert [tuple(t.shape) for t in norm.compensated_window()] == [(0, 4)] * 3  # no past to show
 
 
 def test_burn_in_is_batchnorm2d_then_the_window_grows():

@@ -113,8 +113,10 @@ def _mean_patch_dot_weight(mean_patch, weight, groups):
 def _weight_grad_dot_weight(weight_grad, weight):
     """``<G[c], W[c]>`` for every output channel c; ``weight_grad`` is ``(L, *W.shape)``.
 
-    A broadcast row-wise dot product (one read of the window, no batched matrix-vector products)."""
-    return torch.linalg.vecdot(weight_grad.flatten(2), weight.flatten(1))
+    One row-wise dot product per entry: a single read of the window without batched matrix-vector
+    products, and scratch memory of one weight rather than of the whole window."""
+    rows = weight.flatten(1)
+    return torch.stack([torch.linalg.vecdot(entry, rows) for entry in weight_grad.flatten(2)])
 
 
 def pooled_statistics(mean, var, past_mean, past_var, past_valid):
@@ -375,6 +377,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     def _compensated_history(self, weight, groups):
         """Past statistics moved to ``weight`` (the Taylor step of the module docstring) and their per-channel validity."""
         dtype = weight.dtype
+        if self.window == 1:  # no past
+            empty = weight.new_zeros(0, self.num_features)
+            return empty, empty, empty.bool()
         mean_shift = _mean_patch_dot_weight(self.history_mean_grad.to(dtype), weight, groups)
         mean_shift = mean_shift - self.history_mean_grad_dot_weight.to(dtype)
         var_shift = _weight_grad_dot_weight(self.history_var_grad.to(dtype), weight)
