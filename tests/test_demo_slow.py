@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo" / "mask_rcnn_R_18_FPN_MABN_shapes.yaml"
 # Box AP measured for the shipped demo (README, Measurements), minus a margin for run-to-run noise.
-MIN_BOX_AP = 22.0  # measured: 27.0 (seed 0)
+MIN_BOX_AP = 35.0  # the goal; measured: 45.3 (seed 0), 40.9 (seed 1), 42.8 (seed 2)
 
 
 @pytest.mark.slow
