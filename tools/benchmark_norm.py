@@ -214,7 +214,7 @@ def skip_mabn_warmup(model):
 
 def _weight_gradient_of_output(conv, args, output):
     """The extra work CBN cannot avoid: d var/dW needs a weight-gradient pass of the conv with its
-    own (centred) output as ``grad_output`` (CBN paper, Sec. 3.3)."""
+    own output as ``grad_output`` (CBN paper, Sec. 3.3; see ``conv_statistic_gradients``)."""
     if conv.training and torch.is_grad_enabled():
         with torch.no_grad():
             conv2d_weight(args[0], conv.weight.shape, output, conv.stride, conv.padding, conv.dilation, conv.groups)
