@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from .matrix import StudyFileError, load_study
+from .matrix import StudyFileError, load_study, read_study
 from .report import write_report
 from .runner import CellFailedError, StudyRunner, cell_key, read_record
 
@@ -21,7 +21,8 @@ def parse_args(argv=None):
     parser.add_argument("--results", help="where results.json, table.md and the plots go (default: --output)")
     parser.add_argument("--variants", nargs="+", help="only these variants (and what they evaluate)")
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
-    parser.add_argument("--num-gpus", type=int, default=1, help="processes per cell (gloo on CPU without GPUs)")
+    parser.add_argument("--num-gpus", type=int,
+                        help="processes per cell (gloo on CPU without GPUs; default: the study file's workers, else 1)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each cell (1 is fastest on a busy CPU)")
     parser.add_argument("--poll-seconds", type=float, default=60.0, help="progress print interval")
     parser.add_argument("--train-net", default=str(DEFAULT_TRAIN_NET), help="path of tools/train_net.py")
@@ -47,7 +48,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cells = load_study(args.study_file, args.variants, args.seeds)
-        every_cell = load_study(args.study_file)
+        study = read_study(args.study_file)
+        every_cell = study.cells
     except StudyFileError as e:
         sys.exit(f"error: {e}")
     results_dir = Path(args.results or args.output)
@@ -66,7 +68,8 @@ def main(argv=None):
         return
     by_key = {cell_key(c.config, c.variant.name, c.seed): c for c in every_cell}
     table = write_report(records, results_dir,
-                         lambda r: by_key[cell_key(r["config"], r["variant"], r["seed"])].directory(args.output))
+                         lambda r: by_key[cell_key(r["config"], r["variant"], r["seed"])].directory(args.output),
+                         gap=study.gap)
     print(table)
 
 

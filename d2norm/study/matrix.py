@@ -15,6 +15,17 @@ the seeds; every combination is one cell, trained by ``tools/train_net.py`` into
 ``overrides`` are detectron2 ``KEY: value`` pairs; ``evaluate: V`` makes an *evaluation variant*:
 it re-evaluates variant V's final weights (``recalibrate: true`` recomputes the population
 statistics first, Wu & Johnson 2021 Sec. 3), so it costs an evaluation, not a training.
+
+Optional keys of the study file:
+
+- ``arm``: a name recorded with every cell (e.g. ``finetune``, ``scratch``).
+- ``workers``: processes per cell (``--num-gpus``; gloo on CPU), default 1. With
+  ``SOLVER.REFERENCE_WORLD_SIZE`` equal to it, each worker gets ``IMS_PER_BATCH / workers`` images.
+- ``norm_keys``: the config keys ``norm: X`` sets (default :data:`NORM_KEYS`), e.g. only the FPN and
+  heads when the backbone stays frozen.
+- ``gap``: ``{per_worker: V1, synced: V2}``, two variants whose difference is the problem under study
+  (BN on each worker's images vs BN synchronised over all of them); the report gives every variant's
+  place between them.
 """
 import re
 from dataclasses import dataclass, field
@@ -22,12 +33,13 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["NORM_KEYS", "Cell", "StudyFileError", "Variant", "load_study"]
+__all__ = ["NORM_KEYS", "Cell", "Study", "StudyFileError", "Variant", "load_study", "read_study"]
 
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
              "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM")
 _VARIANT_KEYS = {"norm", "overrides", "evaluate", "recalibrate"}
 _STUDY_KEYS = {"configs", "seeds", "variants"}
+_OPTIONAL_STUDY_KEYS = {"arm", "workers", "norm_keys", "gap"}
 
 
 class StudyFileError(ValueError):
@@ -55,6 +67,8 @@ class Cell:
     config: str
     variant: Variant
     seed: int
+    arm: str = None
+    workers: int = 1
 
     @property
     def config_stem(self):
@@ -85,7 +99,15 @@ def _fail(path, key, message):
     raise StudyFileError(f"{path}: '{key}' {message}")
 
 
-def _variant(path, name, spec):
+@dataclass(frozen=True)
+class Study:
+    """The cells of a study file and the two variants that bound the gap under study (or None)."""
+
+    cells: list
+    gap: dict = None
+
+
+def _variant(path, name, spec, norm_keys=NORM_KEYS):
     where = f"variants.{name}"
     if not isinstance(spec, dict):
         _fail(path, where, f"must be a mapping with keys among {sorted(_VARIANT_KEYS)}, got {spec!r}")
@@ -94,7 +116,7 @@ def _variant(path, name, spec):
         _fail(path, where, f"has unknown keys {sorted(unknown)}; allowed: {sorted(_VARIANT_KEYS)}")
     overrides = {}
     if "norm" in spec:
-        overrides.update({key: spec["norm"] for key in NORM_KEYS})
+        overrides.update({key: spec["norm"] for key in norm_keys})
     extra = spec.get("overrides", {}) or {}
     if not isinstance(extra, dict):
         _fail(path, f"{where}.overrides", f"must map detectron2 keys to values, got {extra!r}")
@@ -106,7 +128,26 @@ def _variant(path, name, spec):
 
 
 def load_study(path, only_variants=None, only_seeds=None):
-    """The cells of the study file at ``path``, seed by seed (so an interrupted study has whole
+    """The cells of the study file at ``path`` (see :func:`read_study`)."""
+    return read_study(path, only_variants, only_seeds).cells
+
+
+def _optional(path, spec):
+    arm, workers = spec.get("arm"), spec.get("workers", 1)
+    norm_keys, gap = spec.get("norm_keys", NORM_KEYS), spec.get("gap")
+    if arm is not None and not isinstance(arm, str):
+        _fail(path, "arm", f"must be a name, got {arm!r}")
+    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        _fail(path, "workers", f"must be an integer >= 1, got {workers!r}")
+    if not (norm_keys and isinstance(norm_keys, (list, tuple)) and all(isinstance(k, str) for k in norm_keys)):
+        _fail(path, "norm_keys", f"must be a non-empty list of config keys, got {norm_keys!r}")
+    if gap is not None and (not isinstance(gap, dict) or set(gap) != {"per_worker", "synced"}):
+        _fail(path, "gap", f"must be a mapping with exactly the keys ['per_worker', 'synced'], got {gap!r}")
+    return arm, workers, tuple(norm_keys), gap
+
+
+def read_study(path, only_variants=None, only_seeds=None):
+    """The :class:`Study` of the study file at ``path``: its cells seed by seed (so an interrupted study has whole
     seeds), each trained variant directly followed by the variants that evaluate its weights
     (so its ``model_final.pth`` is needed only briefly).
 
@@ -119,8 +160,10 @@ def load_study(path, only_variants=None, only_seeds=None):
         spec = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise StudyFileError(f"{path}: cannot read the study file: {e}") from e
-    if not isinstance(spec, dict) or set(spec) - _STUDY_KEYS or not _STUDY_KEYS <= set(spec):
-        raise StudyFileError(f"{path}: a study file is a mapping with exactly the keys {sorted(_STUDY_KEYS)}")
+    if not isinstance(spec, dict) or set(spec) - _STUDY_KEYS - _OPTIONAL_STUDY_KEYS or not _STUDY_KEYS <= set(spec):
+        raise StudyFileError(f"{path}: a study file is a mapping with the keys {sorted(_STUDY_KEYS)} "
+                             f"and optionally {sorted(_OPTIONAL_STUDY_KEYS)}")
+    arm, workers, norm_keys, gap = _optional(path, spec)
     configs, seeds = spec["configs"], spec["seeds"]
     if not configs or not all(isinstance(c, str) for c in configs):
         _fail(path, "configs", "must be a non-empty list of config file paths")
@@ -128,7 +171,10 @@ def load_study(path, only_variants=None, only_seeds=None):
         _fail(path, "seeds", f"must be a non-empty list of integers, got {seeds!r}")
     if not isinstance(spec["variants"], dict) or not spec["variants"]:
         _fail(path, "variants", "must be a non-empty mapping of variant names to settings")
-    variants = {str(name): _variant(path, str(name), v) for name, v in spec["variants"].items()}
+    variants = {str(name): _variant(path, str(name), v, norm_keys) for name, v in spec["variants"].items()}
+    for role, name in (gap or {}).items():
+        if name not in variants:
+            _fail(path, f"gap.{role}", f"= {name!r} must name a variant: {sorted(variants)}")
     for v in variants.values():
         if not v.trains and (v.evaluate not in variants or not variants[v.evaluate].trains):
             trained = sorted(n for n, w in variants.items() if w.trains)
@@ -143,4 +189,5 @@ def load_study(path, only_variants=None, only_seeds=None):
         seeds = [s for s in seeds if s in set(only_seeds)] or list(only_seeds)
     ordered = [w for v in variants.values() if v.trains
                for w in [v] + [e for e in variants.values() if e.evaluate == v.name]]
-    return [Cell(config, variant, seed) for seed in seeds for config in configs for variant in ordered]
+    cells = [Cell(config, variant, seed, arm, workers) for seed in seeds for config in configs for variant in ordered]
+    return Study(cells, gap)

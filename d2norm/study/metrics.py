@@ -11,7 +11,7 @@ from detectron2.config import get_cfg
 
 from ..config import add_d2norm_config
 
-__all__ = ["cell_schedule", "evaluation_results", "read_metrics", "seconds_per_iter"]
+__all__ = ["cell_schedule", "cell_solver", "evaluation_results", "read_metrics", "seconds_per_iter"]
 
 
 def read_metrics(path):
@@ -50,10 +50,23 @@ def evaluation_results(directory):
 
 def cell_schedule(config_file, overrides):
     """``(images per batch, iterations)`` of a config file with ``{key: value}`` overrides."""
+    images, iterations, _ = cell_solver(config_file, overrides)
+    return images, iterations
+
+
+def cell_solver(config_file, overrides, workers=None):
+    """``(images per batch, iterations, base LR)`` of a config file with ``{key: value}`` overrides,
+    as training on ``workers`` processes runs it: rescaled like detectron2's ``auto_scale_workers``
+    when ``SOLVER.REFERENCE_WORLD_SIZE`` is set and differs from ``workers``."""
     cfg = get_cfg()
     add_d2norm_config(cfg)
     cfg.merge_from_file(config_file)
-    for key in ("SOLVER.IMS_PER_BATCH", "SOLVER.MAX_ITER"):
+    for key in ("SOLVER.IMS_PER_BATCH", "SOLVER.MAX_ITER", "SOLVER.BASE_LR", "SOLVER.REFERENCE_WORLD_SIZE"):
         if key in overrides:
             cfg.merge_from_list([key, str(overrides[key])])
-    return cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER
+    images, iterations, lr = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR
+    reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if workers and reference and reference != workers:
+        scale = workers / reference
+        images, iterations, lr = int(round(images * scale)), int(round(iterations / scale)), lr * scale
+    return images, iterations, lr

@@ -1,9 +1,13 @@
 """Aggregate study records: ``results.json``, a markdown table and PNG plots.
 
 The table has one row per (config, variant): mean and sample standard deviation over seeds of box
-and mask AP, the per-seed values, and the median seconds per iteration. Plots: final AP per variant
-with every seed as a point (``final_ap.png``) and the training loss against training images seen
-(``loss.png``; images, not iterations, so a 16-image-batch variant lines up with 2-image ones).
+and mask AP, the per-seed values, and the median seconds per iteration. With a study's ``gap``
+(a per-worker and a synced variant), each config also gets the gate (is the gap between them larger
+than twice the larger of their seed spreads?) and every variant its distance from both, as a
+fraction of the gap: 0 is per-worker BN, 1 is synced BN. Plots: final AP per variant with every
+seed as a point (``final_ap.png``), the training loss against training images seen (``loss.png``;
+images, not iterations, so a 16-image-batch variant lines up with 2-image ones) and, where cells
+evaluated during training, box AP against iteration (``ap_curve.png``).
 """
 import json
 import statistics
@@ -12,7 +16,8 @@ from pathlib import Path
 
 from .metrics import read_metrics
 
-__all__ = ["aggregate", "markdown_table", "plot_final_ap", "plot_loss", "write_report"]
+__all__ = ["aggregate", "gap_fractions", "markdown_table", "plot_ap_curve", "plot_final_ap", "plot_loss",
+           "write_report"]
 
 
 def _mean_std(values):
@@ -51,15 +56,55 @@ def _values(values):
     return ", ".join("—" if v is None else f"{v:.1f}" for v in values)
 
 
-def markdown_table(summary):
+def gap_fractions(summary, gap):
+    """Per config with both ``gap`` variants: ``{config: {"box"/"mask": (gap, twice the larger seed
+    spread, {variant: fraction of the gap})}}``; a fraction is ``(AP - per-worker) / (synced - per-worker)``."""
+    out = {}
+    for config in dict.fromkeys(c for c, _ in summary):
+        low, high = summary.get((config, gap["per_worker"])), summary.get((config, gap["synced"]))
+        if low is None or high is None:
+            continue
+        out[config] = {}
+        for task in ("box", "mask"):
+            if low[f"{task}_mean"] is None or high[f"{task}_mean"] is None:
+                continue
+            size = high[f"{task}_mean"] - low[f"{task}_mean"]
+            fractions = {v: (s[f"{task}_mean"] - low[f"{task}_mean"]) / size
+                         for (c, v), s in summary.items() if c == config and s[f"{task}_mean"] is not None and size}
+            out[config][task] = (size, 2 * max(low[f"{task}_std"], high[f"{task}_std"]), fractions)
+    return out
+
+
+def _fraction(gaps, config, task, variant):
+    fractions = gaps.get(config, {}).get(task, (None, None, {}))[2]
+    return "—" if variant not in fractions else f"{fractions[variant]:.2f}"
+
+
+def markdown_table(summary, gap=None):
+    """The summary as markdown; with ``gap``, the gate per config and each variant's fraction of it."""
+    gaps = gap_fractions(summary, gap) if gap else {}
+    extra = " box: fraction of gap | mask: fraction of gap |" if gaps else ""
     lines = ["| config | variant | images/batch | iterations | seeds | box AP | box AP per seed | "
-             "mask AP | mask AP per seed | s/iter |",
-             "|---|---|---:|---:|---:|---:|---|---:|---|---:|"]
+             "mask AP | mask AP per seed | s/iter |" + extra,
+             "|---|---|---:|---:|---:|---:|---|---:|---|---:|" + ("---:|---:|" if gaps else "")]
     for (config, variant), s in summary.items():
         sec = "—" if s["seconds_per_iter"] is None else f"{s['seconds_per_iter']:.2f}"
-        lines.append(f"| {config} | {variant} | {s['images_per_batch']} | {s['iterations']} | {len(s['seeds'])} | "
-                     f"{_fmt(s['box_mean'], s['box_std'])} | {_values(s['box_ap'])} | "
-                     f"{_fmt(s['mask_mean'], s['mask_std'])} | {_values(s['mask_ap'])} | {sec} |")
+        row = (f"| {config} | {variant} | {s['images_per_batch']} | {s['iterations']} | {len(s['seeds'])} | "
+               f"{_fmt(s['box_mean'], s['box_std'])} | {_values(s['box_ap'])} | "
+               f"{_fmt(s['mask_mean'], s['mask_std'])} | {_values(s['mask_ap'])} | {sec} |")
+        if gaps:
+            row += f" {_fraction(gaps, config, 'box', variant)} | {_fraction(gaps, config, 'mask', variant)} |"
+        lines.append(row)
+    for config, tasks in gaps.items():
+        lines.append("")
+        for task, (size, twice_spread, _) in tasks.items():
+            verdict = "larger: the regime shows the problem" if abs(size) > twice_spread else "not larger"
+            lines.append(f"- {config}, {task} AP: gap {gap['synced']} − {gap['per_worker']} = {size:+.1f}; "
+                         f"twice the larger seed spread = {twice_spread:.1f}; {verdict}.")
+    if gaps:
+        lines.append("")
+        lines.append(f"Fraction of gap: (AP − {gap['per_worker']}) / ({gap['synced']} − {gap['per_worker']}) "
+                     f"of the means; 0 is {gap['per_worker']}, 1 is {gap['synced']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -134,14 +179,51 @@ def plot_loss(records, directory_of, path, smoothing=10):
     plt.close(fig)
 
 
-def write_report(records, results_dir, directory_of):
-    """Write ``results.json``, ``table.md``, ``final_ap.png`` and ``loss.png`` into ``results_dir``."""
+def plot_ap_curve(records, directory_of, path):
+    """Box AP of the evaluations during training against iteration, one panel per config, one line
+    per seed, one colour per trained variant; False (nothing written) when no cell evaluated early."""
+    curves = []
+    for r in records:
+        if r.get("evaluates"):
+            continue
+        metrics = read_metrics(Path(directory_of(r)) / "metrics.json")
+        points = sorted((i + 1, m["bbox/AP"]) for i, m in metrics.items() if "bbox/AP" in m)
+        if len(points) > 1:
+            curves.append((Path(r["config"]).stem, r["variant"], points))
+    if not curves:
+        return False
+    plt = _pyplot()
+    configs = list(dict.fromkeys(c for c, _, _ in curves))
+    fig, axes = plt.subplots(1, len(configs), figsize=(7 * len(configs), 4.5), squeeze=False)
+    colours = {}
+    for config, variant, points in curves:
+        ax = axes[0][configs.index(config)]
+        label = None if variant in colours else variant
+        colour = colours.setdefault(variant, f"C{len(colours) % 10}")
+        ax.plot(*zip(*points), color=colour, alpha=0.8, lw=1, marker="o", ms=3, label=label)
+    for ax, config in zip(axes[0], configs):
+        ax.set_title(config)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("box AP")
+        ax.grid(alpha=0.3)
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(records, results_dir, directory_of, gap=None):
+    """Write ``results.json``, ``table.md``, ``final_ap.png``, ``loss.png`` and (when cells evaluated
+    during training) ``ap_curve.png`` into ``results_dir``; ``gap`` as in :func:`markdown_table`."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "results.json").write_text(json.dumps(records, indent=1) + "\n")
     summary = aggregate(records)
-    table = markdown_table(summary)
+    table = markdown_table(summary, gap)
     (results_dir / "table.md").write_text(table)
     plot_final_ap(summary, results_dir / "final_ap.png")
     plot_loss(records, directory_of, results_dir / "loss.png")
+    plot_ap_curve(records, directory_of, results_dir / "ap_curve.png")
     return table

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .matrix import Cell, Variant
-from .metrics import cell_schedule, evaluation_results, read_metrics, seconds_per_iter
+from .metrics import cell_solver, evaluation_results, read_metrics, seconds_per_iter
 
 __all__ = ["CellFailedError", "StudyRunner", "cell_key", "read_record"]
 
@@ -68,7 +68,8 @@ class StudyRunner:
 
     Args:
         output: root directory of the cells.
-        num_gpus: ``--num-gpus`` of every cell (processes; gloo on CPU without GPUs).
+        num_gpus: ``--num-gpus`` of every cell (processes; gloo on CPU without GPUs); None: the
+            study file's ``workers``.
         threads: ``OMP_NUM_THREADS`` of each cell process (None: inherit).
         poll_seconds: how often the running cell's iteration and loss are printed.
         extra_opts: ``KEY VALUE`` overrides appended to every cell (e.g. dataset names on COCO).
@@ -76,7 +77,7 @@ class StudyRunner:
 
     output: Path
     train_net: Path
-    num_gpus: int = 1
+    num_gpus: int = None
     threads: int = None
     poll_seconds: float = 60.0
     extra_opts: tuple = ()
@@ -87,7 +88,7 @@ class StudyRunner:
         commit = git_commit(Path(self.train_net).resolve().parents[1])
         pending = [c for c in cells if read_record(c, self.output, known) is None]
         log(f"[study] {len(cells)} cells: {len(cells) - len(pending)} finished, {len(pending)} to run")
-        schedules = [cell_schedule(c.config, c.variant.overrides) for c in pending]  # (images, iterations)
+        schedules = [cell_solver(c.config, c.variant.overrides, self.workers(c))[:2] for c in pending]
         seconds_per_image = []  # wall seconds per trained image, of the cells trained now
         for index, cell in enumerate(pending):
             images, iterations = schedules[index]
@@ -105,6 +106,10 @@ class StudyRunner:
                 f"mask AP {_ap(record['mask_ap'])}")
         return [read_record(c, self.output, known) for c in cells]
 
+    def workers(self, cell):
+        """Processes of a cell: ``num_gpus`` if given, else the study file's ``workers``."""
+        return cell.workers if self.num_gpus is None else self.num_gpus
+
     def trained_directory(self, cell):
         """Directory of the trained cell an evaluation cell evaluates (same config and seed)."""
         return Cell(cell.config, Variant(cell.variant.evaluate), cell.seed).directory(self.output)
@@ -119,7 +124,7 @@ class StudyRunner:
             head = ["--config-file", str(trained / "config.yaml"), "--eval-only"]
             opts = cell.opts() + ["MODEL.WEIGHTS", str(trained / "model_final.pth"),
                                   "D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY", str(cell.variant.recalibrate)]
-        return ([sys.executable, str(self.train_net)] + head + ["--num-gpus", str(self.num_gpus)] + opts
+        return ([sys.executable, str(self.train_net)] + head + ["--num-gpus", str(self.workers(cell))] + opts
                 + list(self.extra_opts) + ["OUTPUT_DIR", str(cell.directory(self.output))])
 
     def _run_cell(self, cell, commit, iterations, log):
@@ -163,12 +168,17 @@ class StudyRunner:
         box_ap, box_ap50, mask_ap = evaluation_results(directory)
         trained = directory if cell.variant.trains else self.trained_directory(cell)
         trained_record = None if cell.variant.trains else json.loads((trained / RECORD_NAME).read_text())
-        images, iterations = cell_schedule(str(trained / "config.yaml"), {})
+        workers = self.workers(cell)
+        images, iterations, lr = cell_solver(str(trained / "config.yaml"), {}, workers)
         return {
+            "arm": cell.arm,
             "variant": cell.variant.name,
             "seed": cell.seed,
             "config": cell.config,
             "images_per_batch": images,
+            "workers": workers,
+            "images_per_worker": images / workers,
+            "lr": lr,
             "iterations": iterations,
             "box_ap": box_ap,
             "box_ap50": box_ap50,
@@ -179,7 +189,6 @@ class StudyRunner:
             "recalibrated": cell.variant.recalibrate,
             "wall_seconds": round(wall_seconds, 1),
             "threads": self.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
-            "num_gpus": self.num_gpus,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "commit": commit,
         }
