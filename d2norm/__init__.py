@@ -4,18 +4,19 @@ Importing this package registers the norm names ``"CBN"``, ``"MABN"`` and ``"Pre
 every Detectron2 module that builds norms through ``get_norm`` (ResNet, FPN, box/mask heads,
 RetinaNet head, …), so they can be selected from YAML.
 """
-from .third_party_warnings import silence_third_party_warnings
+from ._compat import silence_third_party_warnings
 
 silence_third_party_warnings()  # before the first detectron2 import below
 
-from . import data, registry  # noqa: F401,E402  (importing data registers the built-in dataset)
-from .config import add_d2norm_config, validate_d2norm_config
+from . import data  # noqa: F401,E402  (importing data registers the built-in dataset)
+from .modeling import registry  # noqa: E402
+from .config.defaults import add_d2norm_config, validate_d2norm_config
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from .registry import get_norm, known_norm_names, layer_settings, register_norm
-from .binding import prepare_model
-from .modeling import build_model, configured_norms
-from .recalibrate import recalibrate
-from .fold import fold_norms
+from .modeling.registry import get_norm, known_norm_names, layer_settings, register_norm
+from .modeling.binding import prepare_model
+from .modeling.build import build_model, configured_norms
+from .statistics.recalibration import recalibrate
+from .modeling.fold import fold_norms
 
 __all__ = [
     "CrossIterationBatchNorm2d",

@@ -14,7 +14,7 @@ and the functions below do what ``tools/train_net.py`` does for YAML:
   same post-build pass as YAML (:func:`d2norm.modeling.finish_model`: per-level RetinaNet/FCOS
   head statistics, MABN head warm-up, conv binding / weight centralisation);
 * :func:`build_optimizer`: ``cfg.optimizer`` with its ``params.model`` set; use
-  :func:`d2norm.solver.get_optimizer_param_groups` as ``params`` so every d2norm layer counts as a
+  :func:`d2norm.engine.solver.get_optimizer_param_groups` as ``params`` so every d2norm layer counts as a
   norm for ``weight_decay_norm``;
 * :func:`build_norm_hooks`: recalibration (PreciseBN) and freeze-last hooks;
 * :func:`scale_to_world_size`: ``train.reference_world_size``, detectron2's
@@ -26,11 +26,11 @@ import torch
 from detectron2.config import CfgNode, instantiate
 from omegaconf import OmegaConf
 
-from .config import D2NormConfigError, add_d2norm_config, norm_settings_from_config, scale_norm_iterations
-from .config import validate_d2norm_config
-from .hooks import norm_hooks
-from .modeling import finish_model
-from .registry import norm_settings
+from .config.defaults import D2NormConfigError, add_d2norm_config, norm_settings_from_config, scale_norm_iterations
+from .config.defaults import validate_d2norm_config
+from .engine.hooks import norm_hooks
+from .modeling.build import finish_model
+from .modeling.registry import norm_settings
 
 __all__ = [
     "build_model",
@@ -92,7 +92,7 @@ def scale_to_world_size(cfg, world_size):
     GPU stays, so the total batch and the learning rate scale by ``world_size / reference`` and
     ``max_iter``, ``eval_period`` and the checkpoint period by the inverse (``lr_multiplier`` works
     in fractions of ``max_iter``); d2norm's iteration counts follow
-    (:func:`d2norm.config.scale_norm_iterations`). A reference of 0 (or absent) keeps ``cfg``.
+    (:func:`d2norm.config.defaults.scale_norm_iterations`). A reference of 0 (or absent) keeps ``cfg``.
     """
     reference = cfg.train.get("reference_world_size", 0)
     if not reference or reference == world_size:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from d2norm.binding import prepare_model
+from d2norm.modeling.binding import prepare_model
 from d2norm.data.shapes import ASPECT_RANGES, SHAPE_CATEGORIES, ShapeSpec, rasterize
 
 IMAGE_SIZE = 24

@@ -13,8 +13,8 @@ from detectron2.modeling import build_model as d2_build_model
 
 import d2norm
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
-from d2norm.binding import conv_norm_pairs
-from d2norm.conv_inputs import find_norm_inputs
+from d2norm.modeling.binding import conv_norm_pairs
+from d2norm.modeling.conv_inputs import find_norm_inputs
 from d2norm.layers.weight_centralization import is_weight_centralized
 
 
@@ -64,7 +64,7 @@ def test_every_cbn_in_a_detector_is_bound_to_the_conv_whose_output_it_normalises
 def test_binding_keeps_parameter_names_and_creates_no_module_cycle():
     cfg = tiny_rcnn_cfg("CBN")
     torch.manual_seed(0)
-    with d2norm.registry.norm_settings(**d2norm.config.norm_settings_from_config(cfg)):
+    with d2norm.modeling.registry.norm_settings(**d2norm.config.defaults.norm_settings_from_config(cfg)):
         plain = d2_build_model(cfg)
     names_before = [n for n, _ in plain.named_parameters()]
     keys_before = list(plain.state_dict())
@@ -191,7 +191,7 @@ def test_a_transposed_conv_feeding_cbn_is_an_error_and_is_centralised_for_mabn()
 
 def test_mabn_layers_no_conv_feeds_are_named_in_a_warning(caplog):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), MovingAverageBatchNorm2d(4))
-    with caplog.at_level(logging.WARNING, logger="d2norm.binding"):
+    with caplog.at_level(logging.WARNING, logger="d2norm.modeling.binding"):
         d2norm.prepare_model(model, example_inputs=torch.randn(2, 3, 4, 4))
     assert "'2' (its input is the output of `relu` in '1', not of a conv)" in caplog.text
     assert not is_weight_centralized(model[0])

@@ -1,4 +1,4 @@
-"""d2norm.checkpoint: damaged or foreign checkpoint files are named; --resume falls back past them."""
+"""d2norm.engine.checkpoint: damaged or foreign checkpoint files are named; --resume falls back past them."""
 import logging
 import os
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from d2norm.checkpoint import CheckpointError, Checkpointer
+from d2norm.engine.checkpoint import CheckpointError, Checkpointer
 
 
 def model(seed):

@@ -3,7 +3,7 @@ import pytest
 from detectron2.config import get_cfg
 
 from d2norm import add_d2norm_config, validate_d2norm_config
-from d2norm.config import D2NormConfigError
+from d2norm.config.defaults import D2NormConfigError
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_norm_iteration_counts_follow_detectron2_world_size_scaling(cfg):
     """At 4 GPUs instead of the reference 8, the schedule doubles; so must burn-in and warm-ups."""
     from detectron2.engine import DefaultTrainer
 
-    from d2norm.config import scale_norm_iterations
+    from d2norm.config.defaults import scale_norm_iterations
 
     cfg.merge_from_list([
         "SOLVER.IMS_PER_BATCH", 16, "SOLVER.REFERENCE_WORLD_SIZE", 8, "SOLVER.MAX_ITER", 1000,

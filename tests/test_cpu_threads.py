@@ -3,7 +3,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 
-from d2norm.cpu_threads import default_cpu_threads, set_default_cpu_threads
+from d2norm.engine.cpu_threads import default_cpu_threads, set_default_cpu_threads
 
 
 @pytest.mark.parametrize("cores, processes, expected", [(2, 1, 2), (2, 2, 1), (16, 1, 16), (16, 3, 5), (1, 4, 1)])

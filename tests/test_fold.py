@@ -9,9 +9,9 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
 import d2norm
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from d2norm.fold import fold_norms
+from d2norm.modeling.fold import fold_norms
 from d2norm.layers.per_level import PerLevelNorm
-from d2norm.modeling import build_model
+from d2norm.modeling.build import build_model
 
 D2NORM_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d, PerLevelNorm)
 
@@ -19,7 +19,7 @@ D2NORM_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatc
 def trained_block(norm_name, steps=6):
     """detectron2 Conv2d(norm=...) + prepare_model, trained a few SGD steps so statistics are non-trivial."""
     torch.manual_seed(0)
-    with d2norm.registry.norm_settings(cbn={"window": 3}, mabn={"buffer_size": 2, "warmup_iters": 2,
+    with d2norm.modeling.registry.norm_settings(cbn={"window": 3}, mabn={"buffer_size": 2, "warmup_iters": 2,
                                                                 "renorm_free_iters": 3}):
         block = nn.Sequential(Conv2d(3, 8, 3, padding=1, bias=False, norm=d2norm.get_norm(norm_name, 8)))
     d2norm.prepare_model(block, example_inputs=torch.zeros(2, 3, 6, 6))

@@ -9,10 +9,10 @@ from detectron2.engine import SimpleTrainer, hooks
 from detectron2.evaluation.evaluator import inference_context
 from detectron2.utils.events import EventStorage
 
-from d2norm.config import add_d2norm_config
-from d2norm.hooks import FreezeNormLastIters, NormRecalibrator, RecalibrateNorms, build_norm_hooks
+from d2norm.config.defaults import add_d2norm_config
+from d2norm.engine.hooks import FreezeNormLastIters, NormRecalibrator, RecalibrateNorms, build_norm_hooks
 from d2norm.layers import PreciseBatchNorm2d
-from d2norm.monitor import NormStatsMonitor
+from d2norm.statistics.monitor import NormStatsMonitor
 
 
 class TinyDetector(nn.Module):

@@ -1,13 +1,13 @@
-"""d2norm.inference_regime: population statistics of the inputs each layer sees at inference."""
+"""d2norm.statistics.inference_regime: population statistics of the inputs each layer sees at inference."""
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
-from d2norm.inference_regime import recalibrate_in_inference_regime
+from d2norm.statistics.inference_regime import recalibrate_in_inference_regime
 from d2norm.layers import MovingAverageBatchNorm2d
-from d2norm.recalibrate import population_norm_layers, recalibrate
+from d2norm.statistics.recalibration import population_norm_layers, recalibrate
 from test_recalibrate import NORM_TYPES, _batches, _model, _state, _train_steps
 
 

@@ -90,7 +90,7 @@ def test_population_statistics_ignore_a_non_finite_recalibration_batch(name, cap
     poisoned[1, 0, 0, 0] = float("nan")
     clean = copy.deepcopy(model)
     d2norm.recalibrate(clean, batches, num_iters=3)
-    with caplog.at_level("WARNING", logger="d2norm.recalibrate"):
+    with caplog.at_level("WARNING", logger="d2norm.statistics.recalibration"):
         d2norm.recalibrate(model, [batches[0], poisoned, batches[1], batches[2]], num_iters=4)
     assert "non-finite" in caplog.text and "1 (1)" in caplog.text
     assert_states_equal(saved_state(model), saved_state(clean))

@@ -15,15 +15,15 @@ from omegaconf import ListConfig, OmegaConf
 
 import d2norm
 from d2norm import lazy
-from d2norm.config import D2NormConfigError
-from d2norm.conv_inputs import find_norm_inputs
+from d2norm.config.defaults import D2NormConfigError
+from d2norm.modeling.conv_inputs import find_norm_inputs
 from d2norm.data import register_shapes_split
-from d2norm.hooks import build_norm_hooks
+from d2norm.engine.hooks import build_norm_hooks
 from d2norm.layers import MovingAverageBatchNorm2d
 from d2norm.layers.per_level import PerLevelNorm
 from d2norm.layers.precise_bn import NotRecalibratedError
-from d2norm.modeling import build_model
-from d2norm.solver import build_optimizer
+from d2norm.modeling.build import build_model
+from d2norm.engine.solver import build_optimizer
 from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from detectron2.modeling import build_model as d2_build_model
 
 import d2norm
 from d2norm import CrossIterationBatchNorm2d
-from d2norm.registry import UnknownNormError
+from d2norm.modeling.registry import UnknownNormError
 from test_binding import tiny_rcnn_cfg
 
 
@@ -43,7 +43,7 @@ def test_an_unknown_norm_in_the_config_names_the_key_that_held_it():
 
 
 def test_package_exposes_the_readme_names():
-    assert d2norm.fold.fold_norms is d2norm.fold_norms
+    assert d2norm.modeling.fold.fold_norms is d2norm.fold_norms
     assert d2norm.modeling.build_model is d2norm.build_model
     model = d2norm.build_model(tiny_rcnn_cfg("CBN")).eval()
     with torch.no_grad():

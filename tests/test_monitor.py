@@ -1,4 +1,4 @@
-"""d2norm.monitor: norm statistics against hand-computed values; training unchanged by the monitor."""
+"""d2norm.statistics.monitor: norm statistics against hand-computed values; training unchanged by the monitor."""
 import json
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from d2norm.binding import prepare_model
+from d2norm.modeling.binding import prepare_model
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from d2norm.monitor import NormStatsProbe, model_part, recalibration_shift
-from d2norm.recalibrate import recalibrate
+from d2norm.statistics.monitor import NormStatsProbe, model_part, recalibration_shift
+from d2norm.statistics.recalibration import recalibrate
 from test_train_net import DEMO_BASE, parse, tiny_opts, tiny_splits  # noqa: F401 (fixture)
 from tool_scripts import load_tool
 

@@ -1,4 +1,4 @@
-"""d2norm.nonfinite_report: a non-finite batch skipped by a layer is logged and recorded."""
+"""d2norm.engine.nonfinite_report: a non-finite batch skipped by a layer is logged and recorded."""
 import logging
 from types import SimpleNamespace
 
@@ -7,7 +7,7 @@ import torch.nn as nn
 from detectron2.utils.events import EventStorage
 
 import d2norm
-from d2norm.nonfinite_report import ReportNonFiniteSkips
+from d2norm.engine.nonfinite_report import ReportNonFiniteSkips
 
 
 def test_skips_are_recorded_and_the_layers_named_once(caplog):
@@ -24,7 +24,7 @@ def test_skips_are_recorded_and_the_layers_named_once(caplog):
                 x[0, 0, 0, 0] = float("nan")
             model(x.requires_grad_()).sum().backward()
             hook.trainer.iter = iteration
-            with caplog.at_level(logging.WARNING, logger="d2norm.nonfinite_report"):
+            with caplog.at_level(logging.WARNING, logger="d2norm.engine.nonfinite_report"):
                 hook.after_step()
             storage.step()
         assert storage.history("d2norm/nonfinite_skips").values()[-1][0] == 2

@@ -1,4 +1,4 @@
-"""d2norm.output_lock: one training per OUTPUT_DIR; a killed holder leaves no stale lock."""
+"""d2norm.engine.output_lock: one training per OUTPUT_DIR; a killed holder leaves no stale lock."""
 import os
 import signal
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from d2norm.output_lock import OutputDirBusyError, output_dir_lock
+from d2norm.engine.output_lock import OutputDirBusyError, output_dir_lock
 
 
 def test_a_busy_output_dir_is_refused_with_the_holder_named(tmp_path):
@@ -22,7 +22,7 @@ def test_a_killed_holder_does_not_block(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from d2norm.output_lock import output_dir_lock\n"
+         "from d2norm.engine.output_lock import output_dir_lock\n"
          f"with output_dir_lock({str(tmp_path)!r}):\n"
          "    print('locked', flush=True)\n"
          "    time.sleep(600)\n"],

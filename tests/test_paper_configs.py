@@ -17,10 +17,10 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser
 from detectron2.layers import FrozenBatchNorm2d
 
-from d2norm.binding import conv_norm_pairs
+from d2norm.modeling.binding import conv_norm_pairs
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.weight_centralization import is_weight_centralized
-from d2norm.modeling import build_model
+from d2norm.modeling.build import build_model
 from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,12 +172,15 @@ def norm_types_by_part(model):
     return found
 
 
+BUILT_IN_DATA_CONFIG_DIRS = ("demo", "study", "cluster_regime")
+
+
 def _paper_config_paths():
-    """Every leaf config under configs/ except the built-in-data ones (configs/demo/, configs/study/)."""
+    """Every leaf config under configs/ except the built-in-data ones (demo, studies)."""
     return sorted(
         p.relative_to(CONFIGS).as_posix()
         for p in CONFIGS.rglob("*.yaml")
-        if p.relative_to(CONFIGS).parts[0] not in ("demo", "study") and not p.name.startswith("Base-")
+        if p.relative_to(CONFIGS).parts[0] not in BUILT_IN_DATA_CONFIG_DIRS and not p.name.startswith("Base-")
     )
 
 

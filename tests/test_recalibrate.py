@@ -1,4 +1,4 @@
-"""d2norm.recalibrate: exact pooled population statistics, model and state left as they were."""
+"""d2norm.statistics.recalibration: exact pooled population statistics, model and state left as they were."""
 import copy
 import logging
 import socket
@@ -11,9 +11,9 @@ import torch.nn as nn
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils.events import EventStorage, get_event_storage
 
-from d2norm.binding import prepare_model
+from d2norm.modeling.binding import prepare_model
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from d2norm.recalibrate import population_norm_layers, recalibrate
+from d2norm.statistics.recalibration import population_norm_layers, recalibrate
 
 NORM_TYPES = {
     "BN": lambda c: nn.BatchNorm2d(c),
@@ -238,7 +238,7 @@ def test_a_short_data_loader_is_an_error_and_leaves_the_model_untouched():
 
 def test_an_iterator_is_advanced_by_exactly_num_iters_and_progress_is_logged(caplog):
     batches = iter(_batches(shapes=[(1, 3, 3)] * 12))
-    with caplog.at_level(logging.INFO, logger="d2norm.recalibrate"):
+    with caplog.at_level(logging.INFO, logger="d2norm.statistics.recalibration"):
         recalibrate(_model("BN"), batches, 10)
     assert len(list(batches)) == 2
     progress = [r.getMessage() for r in caplog.records if "batches." in r.getMessage()]

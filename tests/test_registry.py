@@ -7,7 +7,7 @@ from detectron2.layers import FrozenBatchNorm2d
 
 import d2norm
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from d2norm.registry import UnknownNormError
+from d2norm.modeling.registry import UnknownNormError
 
 IMPORTERS = [
     "detectron2.layers",
@@ -54,15 +54,15 @@ def test_unknown_name_lists_every_known_name():
 def test_install_is_idempotent_and_keeps_the_original_reachable():
     from detectron2.layers import batch_norm
 
-    d2norm.registry.install()
-    d2norm.registry.install()
+    d2norm.modeling.registry.install()
+    d2norm.modeling.registry.install()
     assert batch_norm.get_norm is d2norm.get_norm
     assert d2norm.get_norm.__wrapped__ is not d2norm.get_norm
     assert isinstance(d2norm.get_norm.__wrapped__("BN", 4), nn.BatchNorm2d)
 
 
 def test_layer_settings_come_from_norm_settings_context():
-    with d2norm.registry.norm_settings(cbn={"window": 3, "burnin_iters": 7}):
+    with d2norm.modeling.registry.norm_settings(cbn={"window": 3, "burnin_iters": 7}):
         inside = d2norm.get_norm("CBN", 4)
     outside = d2norm.get_norm("CBN", 4)
     assert (inside.window, inside.burnin_iters) == (3, 7)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 
 from d2norm.layers.batch_statistics import BatchStatisticsBatchNorm2d
-from d2norm.shared_level_head import SharedTrainingRetinaNetHead
+from d2norm.modeling.shared_level_head import SharedTrainingRetinaNetHead
 
 
 def test_batch_statistics_bn_trains_as_bn_and_evaluates_with_the_batch_statistics():

@@ -5,7 +5,7 @@ from detectron2.layers import Conv2d
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.per_level import PerLevelNorm
-from d2norm.solver import build_optimizer, get_optimizer_param_groups
+from d2norm.engine.solver import build_optimizer, get_optimizer_param_groups
 
 
 def model_with_every_norm():

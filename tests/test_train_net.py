@@ -13,10 +13,10 @@ import torch
 from detectron2.engine import HookBase, default_argument_parser
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from d2norm.checkpoint import CheckpointError
+from d2norm.engine.checkpoint import CheckpointError
 from d2norm.data import register_shapes_split
-from d2norm.distributed import free_port
-from d2norm.output_lock import OutputDirBusyError, output_dir_lock
+from d2norm.engine.launch import free_port
+from d2norm.engine.output_lock import OutputDirBusyError, output_dir_lock
 from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import d2norm
-from d2norm.binding import conv_norm_pairs
+from d2norm.modeling.binding import conv_norm_pairs
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.weight_centralization import is_weight_centralized
 
@@ -327,7 +327,7 @@ def build_detector(variant, args, device):
     """Mask R-CNN with ``variant``'s norm in the FPN and heads (``FLOOR``: BN plus CBN's extra pass)."""
     from detectron2.config import get_cfg
 
-    from d2norm.modeling import build_model
+    from d2norm.modeling.build import build_model
 
     norm = "BN" if variant == FLOOR else variant
     cfg = get_cfg()

@@ -4,7 +4,7 @@
 For each checkpoint directory (``config.yaml`` and ``model_final.pth``, as tools/train_net.py
 writes them), the model is recalibrated from the checkpoint twice on the same training batches —
 ``d2norm.recalibrate`` (upstream layers use batch statistics; PreciseBN, "Rethinking 'Batch' in
-BatchNorm" Sec. 3) and ``d2norm.inference_regime.recalibrate_in_inference_regime`` (upstream layers
+BatchNorm" Sec. 3) and ``d2norm.statistics.inference_regime.recalibrate_in_inference_regime`` (upstream layers
 use the population statistics, iterated to a fixed point) — and evaluated (COCO box and mask AP)
 on the config's first test set. Prints a markdown table, one row per checkpoint, and the mean
 difference per norm.
@@ -28,7 +28,7 @@ from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.utils.env import seed_all_rng
 
 import d2norm
-from d2norm.inference_regime import recalibrate_in_inference_regime
+from d2norm.statistics.inference_regime import recalibrate_in_inference_regime
 
 NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
 

@@ -22,8 +22,8 @@ from detectron2.utils import comm
 
 import d2norm  # registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers)
 from d2norm import lazy
-from d2norm.distributed import launch
-from d2norm.evaluation import fast_coco_eval_available
+from d2norm.engine.launch import launch
+from d2norm.engine.evaluation import fast_coco_eval_available
 
 logger = logging.getLogger("d2norm")
 

@@ -20,16 +20,16 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2norm import add_d2norm_config, validate_d2norm_config
-from d2norm.checkpoint import Checkpointer
-from d2norm.config import scale_norm_iterations
-from d2norm.cpu_threads import set_default_cpu_threads
-from d2norm.distributed import cpu_ddp_compatible, launch
-from d2norm.evaluation import fast_coco_eval_available
-from d2norm.hooks import build_norm_hooks, recalibration_loader
-from d2norm.modeling import build_model
-from d2norm.nonfinite_report import ReportNonFiniteSkips
-from d2norm.output_lock import output_dir_lock
-from d2norm.solver import build_optimizer
+from d2norm.engine.checkpoint import Checkpointer
+from d2norm.config.defaults import scale_norm_iterations
+from d2norm.engine.cpu_threads import set_default_cpu_threads
+from d2norm.engine.launch import cpu_ddp_compatible, launch
+from d2norm.engine.evaluation import fast_coco_eval_available
+from d2norm.engine.hooks import build_norm_hooks, recalibration_loader
+from d2norm.modeling.build import build_model
+from d2norm.engine.nonfinite_report import ReportNonFiniteSkips
+from d2norm.engine.output_lock import output_dir_lock
+from d2norm.engine.solver import build_optimizer
 
 
 class Trainer(DefaultTrainer):
@@ -150,7 +150,7 @@ def main(args):
 def invoke_main():
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    setup_logger(name="d2norm.distributed", abbrev_name="d2norm")  # the launcher's own log line (CPU/gloo)
+    setup_logger(name="d2norm.engine.launch", abbrev_name="d2norm")  # the launcher's own log line (CPU/gloo)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
 

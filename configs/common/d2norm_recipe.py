@@ -8,7 +8,7 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 import torch
 
-from d2norm.solver import get_optimizer_param_groups
+from d2norm.engine.solver import get_optimizer_param_groups
 
 # SOLVER.BASE_LR, MOMENTUM, WEIGHT_DECAY, WEIGHT_DECAY_NORM (0.0: detectron2's default),
 # BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS (None: WEIGHT_DECAY), NESTEROV False.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from detectron2.config import get_cfg
 
-from ..config import add_d2norm_config
+from ..config.defaults import add_d2norm_config
 
 __all__ = ["cell_schedule", "cell_solver", "evaluation_results", "read_metrics", "seconds_per_iter"]
 

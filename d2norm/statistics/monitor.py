@@ -18,7 +18,7 @@ layer that estimates population statistics and writes (``metrics.json``, TensorB
   [1/r_max, r_max], the ratio of the forward statistic (SMAS, or the batch χ in warm-up) to the
   EMAS, and whether warm-up and renormalisation have started.
 - **recalibration**: how far each recalibration moved the population statistics
-  (:func:`normalization_gap` of new vs old), written by :class:`d2norm.hooks.NormRecalibrator`.
+  (:func:`normalization_gap` of new vs old), written by :class:`d2norm.engine.hooks.NormRecalibrator`.
 
 Keys: ``norm/<part>/<metric>`` (mean over the layers of a part: ``backbone``, ``fpn``, ``heads``,
 ``other``) and ``norm_layer/<module path>/inconsistency``. The monitor only reads: training is
@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 from detectron2.engine.train_loop import HookBase
 
-from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from .layers.cbn import pooled_statistics
-from .layers.per_channel import statistics_dtype
-from .recalibrate import population_norm_layers
+from ..layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from ..layers.cbn import pooled_statistics
+from ..layers.per_channel import statistics_dtype
+from .recalibration import population_norm_layers
 
 __all__ = [
     "NormStatsMonitor",

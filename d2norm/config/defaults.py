@@ -5,7 +5,7 @@ __all__ = ["add_d2norm_config", "validate_d2norm_config", "D2NormConfigError", "
 
 # D2NORM.PRECISE_BN.REGIME: what the layers upstream of a layer normalise with while its population
 # statistics are collected: batch statistics (training-mode forwards, as PreciseBN/fvcore/detectron2)
-# or the population statistics themselves, iterated to a fixed point (d2norm.inference_regime).
+# or the population statistics themselves, iterated to a fixed point (d2norm.statistics.inference_regime).
 RECALIBRATION_REGIMES = ("training", "inference")
 
 
@@ -112,7 +112,7 @@ def validate_d2norm_config(cfg):
 
 
 def norm_settings_from_config(cfg):
-    """Constructor kwargs per norm family for :func:`d2norm.registry.norm_settings`."""
+    """Constructor kwargs per norm family for :func:`d2norm.modeling.registry.norm_settings`."""
     d = cfg.D2NORM
     return {
         "cbn": {"window": d.CBN.WINDOW, "burnin_iters": d.CBN.BURNIN_ITERS},

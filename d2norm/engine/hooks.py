@@ -3,8 +3,8 @@
 - :class:`RecalibrateNorms` replaces detectron2's ``hooks.PreciseBN``: it recalibrates every
   norm layer (all d2norm types, not only torch BN) when detectron2's ``EvalHook`` would evaluate,
   at the end of training and optionally every ``period`` iterations, with statistics identical on
-  all ranks (:func:`d2norm.recalibrate.recalibrate`).
-- :class:`~d2norm.monitor.NormStatsMonitor` (``D2NORM.MONITOR``) writes what the norm layers do
+  all ranks (:func:`d2norm.statistics.recalibration.recalibrate`).
+- :class:`~d2norm.statistics.monitor.NormStatsMonitor` (``D2NORM.MONITOR``) writes what the norm layers do
   to the EventStorage.
 - :class:`FreezeNormLastIters` trains the last N iterations with population statistics
   ("Rethinking 'Batch' in BatchNorm", Sec. 4.2: FrozenBN at the end of training removes the
@@ -19,11 +19,11 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import RECALIBRATION_REGIMES
-from .inference_regime import recalibrate_in_inference_regime
-from .layers import PreciseBatchNorm2d
-from .monitor import NormStatsMonitor, population_statistics, recalibration_shift
-from .recalibrate import population_norm_layers, recalibrate
+from ..config.defaults import RECALIBRATION_REGIMES
+from ..statistics.inference_regime import recalibrate_in_inference_regime
+from ..layers import PreciseBatchNorm2d
+from ..statistics.monitor import NormStatsMonitor, population_statistics, recalibration_shift
+from ..statistics.recalibration import population_norm_layers, recalibrate
 
 __all__ = ["FreezeNormLastIters", "NormRecalibrator", "RecalibrateNorms", "build_norm_hooks", "norm_hooks",
            "recalibration_loader"]
@@ -40,12 +40,12 @@ class NormRecalibrator:
 
     The loader is iterated once and kept, so successive recalibrations see fresh batches. A
     DDP-wrapped model is unwrapped: the forwards run under ``torch.no_grad``, and all-reduction of
-    the statistics is done by :func:`~d2norm.recalibrate.recalibrate` itself.
+    the statistics is done by :func:`~d2norm.statistics.recalibration.recalibrate` itself.
 
-    ``regime`` is ``"training"`` (:func:`~d2norm.recalibrate.recalibrate`) or ``"inference"``
-    (:func:`~d2norm.inference_regime.recalibrate_in_inference_regime` with ``max_passes`` and
+    ``regime`` is ``"training"`` (:func:`~d2norm.statistics.recalibration.recalibrate`) or ``"inference"``
+    (:func:`~d2norm.statistics.inference_regime.recalibrate_in_inference_regime` with ``max_passes`` and
     ``tolerance``). With ``record_shift``, how far each recalibration moved the statistics goes to
-    the current EventStorage (:func:`~d2norm.monitor.recalibration_shift`).
+    the current EventStorage (:func:`~d2norm.statistics.monitor.recalibration_shift`).
     """
 
     def __init__(self, model, data_loader, num_iter, regime="training", max_passes=0, tolerance=0.01,

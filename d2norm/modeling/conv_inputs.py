@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .layers import D2NORM_LAYER_TYPES, PreciseBatchNorm2d
+from ..layers import D2NORM_LAYER_TYPES, PreciseBatchNorm2d
 
 __all__ = ["NormInput", "default_example_inputs", "find_norm_inputs"]
 

@@ -5,7 +5,7 @@ CBN and PreciseBN use population mean/variance, MABN the population second momen
 without centring). A conv followed by such an affine is one conv with weight ``s * W`` (``W`` the
 weight its forward uses, i.e. the centred weight for MABN) and bias ``s * b + t``. That holds only
 when the layer's input *is* the conv's output: the pairing comes from an observed forward
-(:mod:`d2norm.conv_inputs`), so an activation, a sum or another consumer of the conv output
+(:mod:`d2norm.modeling.conv_inputs`), so an activation, a sum or another consumer of the conv output
 between them is never folded across.
 """
 import torch
@@ -13,8 +13,8 @@ import torch.nn as nn
 from detectron2.layers import FrozenBatchNorm2d
 
 from .conv_inputs import find_norm_inputs
-from .layers import D2NORM_LAYER_TYPES
-from .layers.weight_centralization import effective_conv_weight, is_weight_centralized
+from ..layers import D2NORM_LAYER_TYPES
+from ..layers.weight_centralization import effective_conv_weight, is_weight_centralized
 
 __all__ = ["fold_norms"]
 

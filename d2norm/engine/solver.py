@@ -8,8 +8,8 @@ decay. This module builds the same parameter groups with d2norm types included.
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-from .layers.mabn import MovingAverageBatchNorm2d
-from .layers.per_level import PerLevelNorm
+from ..layers.mabn import MovingAverageBatchNorm2d
+from ..layers.per_level import PerLevelNorm
 
 __all__ = ["NORM_MODULE_TYPES", "build_optimizer", "clip_full_model_gradients", "get_optimizer_param_groups"]
 

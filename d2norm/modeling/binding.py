@@ -2,7 +2,7 @@
 
 Detectron2 builds a norm from a channel count alone and calls it with one argument, so a norm never
 sees its conv. After the model is built, this pass finds the conv whose output each CBN/MABN layer
-normalises by observing a forward (:mod:`d2norm.conv_inputs`: tensor identity, whatever the module
+normalises by observing a forward (:mod:`d2norm.modeling.conv_inputs`: tensor identity, whatever the module
 layout) and
 
 * binds each CBN to its conv (Taylor compensation needs the conv's weight and input, CBN Eq. 6-7);
@@ -17,9 +17,9 @@ No module is registered under another (no cycles), and parameter names do not ch
 import logging
 
 from .conv_inputs import CONV_TRANSPOSE2D, find_norm_inputs
-from .layers.cbn import CrossIterationBatchNorm2d
-from .layers.mabn import MovingAverageBatchNorm2d
-from .layers.weight_centralization import centralize_conv_weight
+from ..layers.cbn import CrossIterationBatchNorm2d
+from ..layers.mabn import MovingAverageBatchNorm2d
+from ..layers.weight_centralization import centralize_conv_weight
 
 __all__ = ["prepare_model", "conv_norm_pairs"]
 
@@ -30,7 +30,7 @@ _BOUND_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)
 
 def conv_norm_pairs(model, example_inputs=None, norm_types=_BOUND_TYPES):
     """``(conv, norm)`` for every layer of ``norm_types`` fed directly by a conv or transposed conv
-    in one observed forward (see :func:`d2norm.conv_inputs.find_norm_inputs`)."""
+    in one observed forward (see :func:`d2norm.modeling.conv_inputs.find_norm_inputs`)."""
     return [(i.conv, i.norm) for i in find_norm_inputs(model, example_inputs, norm_types=norm_types)
             if i.conv is not None]
 
@@ -39,7 +39,7 @@ def prepare_model(model, centralize_weights=True, example_inputs=None):
     """Bind CBN layers to their convs and weight-centralise convs feeding MABN. Idempotent.
 
     The pairing is observed on one forward without gradients in eval mode
-    (:func:`~d2norm.conv_inputs.find_norm_inputs`): on ``example_inputs``, or for a detectron2
+    (:func:`~d2norm.modeling.conv_inputs.find_norm_inputs`): on ``example_inputs``, or for a detectron2
     meta-architecture on a black image when none are given.
 
     Args:

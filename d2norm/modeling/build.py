@@ -7,9 +7,9 @@ from detectron2.modeling import build_model as d2_build_model
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
 from .binding import prepare_model
-from .config import norm_settings_from_config
-from .layers import MovingAverageBatchNorm2d
-from .layers.per_level import make_retinanet_head_per_level
+from ..config.defaults import norm_settings_from_config
+from ..layers import MovingAverageBatchNorm2d
+from ..layers.per_level import make_retinanet_head_per_level
 from .registry import UnknownNormError, known_norm_names, norm_settings
 
 __all__ = ["build_model", "configured_norms", "finish_model", "norm_layer_summary"]
@@ -61,12 +61,12 @@ def finish_model(model, d2norm_cfg, example_inputs=None):
       statistics per FPN level (detectron2 only does so for "BN"/"SyncBN"; Rethinking-BN §5.2);
     * apply ``MABN.HEAD_WARMUP_ITERS`` to MABN layers in the heads (MABN §5: batch statistics in
       the heads for the first 10k iterations);
-    * :func:`~d2norm.binding.prepare_model` (CBN conv binding, MABN weight centralisation).
+    * :func:`~d2norm.modeling.binding.prepare_model` (CBN conv binding, MABN weight centralisation).
 
     Args:
         model (nn.Module): the built model, on its device.
         d2norm_cfg: the ``D2NORM`` node (a detectron2 ``CfgNode``).
-        example_inputs (tuple or None): for :func:`~d2norm.binding.prepare_model`.
+        example_inputs (tuple or None): for :func:`~d2norm.modeling.binding.prepare_model`.
 
     Returns:
         ``model``.

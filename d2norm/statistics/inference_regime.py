@@ -15,7 +15,7 @@ norms are final gets its own in the next pass, so a chain of D norm layers is ex
 (a ResNet-18-FPN Mask R-CNN with norms everywhere: about 21; stopping earlier leaves deep layers
 calibrated to a stale upstream, which measured far worse than either regime);
 every pass draws the same random numbers (RoI sampling), and the passes stop once no layer's
-statistics move by more than ``tolerance`` (the mean over channels of :func:`d2norm.monitor.normalization_gap`
+statistics move by more than ``tolerance`` (the mean over channels of :func:`d2norm.statistics.monitor.normalization_gap`
 between consecutive passes). Cost: one recalibration per pass, and the ``num_iters`` batches are
 held in memory.
 """
@@ -24,10 +24,10 @@ import logging
 
 import torch
 
-from .layers import MovingAverageBatchNorm2d
-from .layers.per_channel import batch_norm_affine, statistics_dtype
+from ..layers import MovingAverageBatchNorm2d
+from ..layers.per_channel import batch_norm_affine, statistics_dtype
 from .monitor import normalization_gap, population_statistics
-from .recalibrate import population_norm_layers, recalibrate
+from .recalibration import population_norm_layers, recalibrate
 
 __all__ = ["recalibrate_in_inference_regime"]
 

@@ -19,11 +19,11 @@ What is set, per layer type:
 - ``MovingAverageBatchNorm2d``: ``running_var`` := E[x²] (MABN normalises by the second moment).
 
 Which layers: a norm layer in eval mode while the model itself is in training mode is *frozen*
-(e.g. by :class:`d2norm.hooks.FreezeNormLastIters`) and keeps its statistics; it normalises with
+(e.g. by :class:`d2norm.engine.hooks.FreezeNormLastIters`) and keeps its statistics; it normalises with
 them during the recalibration forwards, as in training. When the model as a whole is in eval mode,
 every norm layer is recalibrated. Layers of frozen stages are never touched: detectron2's
 ``FrozenBatchNorm2d`` (not a BatchNorm subclass) and MABN layers marked ``frozen`` (its analogue,
-set by :func:`d2norm.binding.prepare_model`); nor are layers with ``track_running_stats=False``.
+set by :func:`d2norm.modeling.binding.prepare_model`); nor are layers with ``track_running_stats=False``.
 """
 import itertools
 import logging
@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from detectron2.utils.events import EventStorage
 
-from .layers import MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from ..layers import MovingAverageBatchNorm2d, PreciseBatchNorm2d
 
 __all__ = ["population_norm_layers", "recalibrate"]
 

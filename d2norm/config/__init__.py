@@ -1,0 +1,11 @@
+"""The ``D2NORM`` config keys: defaults (the papers'), validation, world-size rescaling."""
+from .defaults import (
+    RECALIBRATION_REGIMES,
+    D2NormConfigError,
+    add_d2norm_config,
+    scale_norm_iterations,
+    validate_d2norm_config,
+)
+
+__all__ = ["RECALIBRATION_REGIMES", "D2NormConfigError", "add_d2norm_config", "scale_norm_iterations",
+           "validate_d2norm_config"]

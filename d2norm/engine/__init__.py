@@ -1,0 +1,1 @@
+"""Training-loop concerns: hooks, optimizer groups, checkpoints, launch, trunk pretraining."""
