@@ -77,7 +77,7 @@ def gap_fractions(summary, gap):
 
 def _fraction(gaps, config, task, variant):
     fractions = gaps.get(config, {}).get(task, (None, None, {}))[2]
-    return "—" if variant not in fractions else f"{fractions[variant]:.2f}"
+    return "—" if variant not in fractions else f"{fractions[variant] + 0.0:.2f}"
 
 
 def markdown_table(summary, gap=None):
