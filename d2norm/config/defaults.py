@@ -143,7 +143,9 @@ def scale_norm_iterations(cfg, num_workers):
     cfg.defrost()
     d = cfg.D2NORM
     d.CBN.BURNIN_ITERS = int(round(d.CBN.BURNIN_ITERS / scale))
-    if d.MABN.HEAD_WARMUP_ITERS > 0:
+    d.MABN.WARMUP_ITERS = int(round(d.MABN.WARMUP_ITERS / scale))
+    d.MABN.RENORM_FREE_ITERS = int(round(d.MABN.RENORM_FREE_ITERS / scale))
+    if d.MABN.HEAD_WARMUP_ITERS > 0:  # -1 inherits WARMUP_ITERS, rescaled above
         d.MABN.HEAD_WARMUP_ITERS = int(round(d.MABN.HEAD_WARMUP_ITERS / scale))
     d.FREEZE_NORM_LAST_ITERS = int(round(d.FREEZE_NORM_LAST_ITERS / scale))
     d.PRECISE_BN.PERIOD = int(round(d.PRECISE_BN.PERIOD / scale))
