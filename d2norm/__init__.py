@@ -1,40 +1,56 @@
 """d2norm: small-batch normalization layers for Detectron2.
 
-Importing this package registers the norm names ``"CBN"``, ``"MABN"`` and ``"PreciseBN"`` with
-every Detectron2 module that builds norms through ``get_norm`` (ResNet, FPN, box/mask heads,
-RetinaNet head, …), so they can be selected from YAML.
+The layers (:mod:`d2norm.layers`) need torch only. ``import d2norm`` also registers, as soon as
+``detectron2.modeling`` is imported (at once if it already is), the norm names ``"CBN"``, ``"MABN"`` and
+``"PreciseBN"`` with every Detectron2 module that builds norms through ``get_norm`` (ResNet, FPN,
+box/mask heads, RetinaNet head, …), so they can be selected from YAML, and, once ``detectron2.data``
+is imported, the built-in datasets (:mod:`d2norm.data`). The detectron2-facing functions below are
+imported on first use.
 """
+import importlib
+
 from ._compat import silence_third_party_warnings
-
-silence_third_party_warnings()  # before the first detectron2 import below
-
-from . import data  # noqa: F401,E402  (importing data registers the built-in dataset)
-from .modeling import registry  # noqa: E402
-from .config.defaults import add_d2norm_config, validate_d2norm_config
+from ._post_import import after_import
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from .modeling.registry import get_norm, known_norm_names, layer_settings, register_norm
-from .modeling.binding import prepare_model
-from .modeling.build import build_model, configured_norms
-from .statistics.recalibration import recalibrate
-from .modeling.fold import fold_norms
 
-__all__ = [
-    "CrossIterationBatchNorm2d",
-    "MovingAverageBatchNorm2d",
-    "PreciseBatchNorm2d",
-    "add_d2norm_config",
-    "validate_d2norm_config",
-    "get_norm",
-    "known_norm_names",
-    "register_norm",
-    "build_model",
-    "configured_norms",
-    "fold_norms",
-    "prepare_model",
-    "recalibrate",
-]
+# name -> the subpackage that defines it (imported, with detectron2, on first access)
+_LAZY = {
+    "add_d2norm_config": "config",
+    "validate_d2norm_config": "config",
+    "get_norm": "modeling",
+    "known_norm_names": "modeling",
+    "register_norm": "modeling",
+    "build_model": "modeling",
+    "configured_norms": "modeling",
+    "fold_norms": "modeling",
+    "prepare_model": "modeling",
+    "recalibrate": "statistics",
+}
+_SUBPACKAGES = ("config", "data", "engine", "lazy", "modeling", "statistics", "study")
 
-register_norm("CBN", lambda c: CrossIterationBatchNorm2d(c, **layer_settings("cbn")))
-register_norm("MABN", lambda c: MovingAverageBatchNorm2d(c, **layer_settings("mabn")))
-register_norm("PreciseBN", lambda c: PreciseBatchNorm2d(c))
-registry.install()
+__all__ = ["CrossIterationBatchNorm2d", "MovingAverageBatchNorm2d", "PreciseBatchNorm2d", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY, *_SUBPACKAGES])
+
+
+def _install_norms(_modeling):
+    importlib.import_module(".modeling.registry", __name__).install()
+
+
+def _register_datasets(_data):
+    importlib.import_module(".data", __name__)
+
+
+silence_third_party_warnings()  # before detectron2's import-time warnings, if it is imported later
+after_import("detectron2.modeling", _install_norms)
+after_import("detectron2.data", _register_datasets)

@@ -13,9 +13,11 @@ it the layers' own defaults (the papers' settings) apply.
 import contextlib
 import importlib
 import sys
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import torch.nn as nn
+
+from ..layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 
 __all__ = ["UnknownNormError", "get_norm", "install", "known_norm_names", "norm_settings", "register_norm"]
 
@@ -38,8 +40,8 @@ _IMPORTERS = (
 # Names detectron2's own get_norm may accept (v0.6 and main); filtered by what this install knows.
 _BUILTIN_CANDIDATES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
-_FACTORIES: Dict[str, Callable[[int], nn.Module]] = {}
-_SETTINGS: Dict[str, dict] = {}
+_FACTORIES: dict[str, Callable[[int], nn.Module]] = {}
+_SETTINGS: dict[str, dict] = {}
 
 
 class UnknownNormError(KeyError):
@@ -134,3 +136,8 @@ def install():
     for module in list(sys.modules.values()):
         if getattr(module, "__dict__", {}).get("get_norm") is original:
             module.get_norm = get_norm
+
+
+register_norm("CBN", lambda c: CrossIterationBatchNorm2d(c, **layer_settings("cbn")))
+register_norm("MABN", lambda c: MovingAverageBatchNorm2d(c, **layer_settings("mabn")))
+register_norm("PreciseBN", PreciseBatchNorm2d)
