@@ -11,7 +11,7 @@ DEMO_OUTPUT ?= output/demo/$(basename $(notdir $(DEMO_CONFIG)))
 # Config overrides for `make demo`, e.g. ARGS="SOLVER.MAX_ITER 100 SEED 1".
 ARGS ?=
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow lint bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test-slow: setup
 	$(PY) -m pytest -m slow -s -v

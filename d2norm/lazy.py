@@ -26,8 +26,13 @@ import torch
 from detectron2.config import CfgNode, instantiate
 from omegaconf import OmegaConf
 
-from .config.defaults import D2NormConfigError, add_d2norm_config, norm_settings_from_config, scale_norm_iterations
-from .config.defaults import validate_d2norm_config
+from .config.defaults import (
+    D2NormConfigError,
+    add_d2norm_config,
+    norm_settings_from_config,
+    scale_norm_iterations,
+    validate_d2norm_config,
+)
 from .engine.hooks import norm_hooks
 from .modeling.build import finish_model
 from .modeling.registry import norm_settings

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from d2norm.modeling.binding import prepare_model
 from d2norm.data.shapes import ASPECT_RANGES, SHAPE_CATEGORIES, ShapeSpec, rasterize
+from d2norm.modeling.binding import prepare_model
 
 IMAGE_SIZE = 24
 RADIUS_RANGE = (6.0, 10.0)  # circumradius in pixels

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from tool_scripts import load_tool
 
 from d2norm.layers import CrossIterationBatchNorm2d
-from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 bench = load_tool("benchmark_norm")
@@ -58,8 +58,9 @@ def test_block_windows_are_full_when_timed(block_report):
 
 
 def test_window_state_of_ours_is_about_a_third_of_official(block_report):
-    """Official: a weight copy and two weight-sized gradients per past iteration (Howal/Cross-iterationBatchNorm CBN.py);
-    ours: one weight-sized derivative plus per-channel scalars and one mean patch."""
+    """Official: a weight copy and two weight-sized gradients per past iteration
+    (Howal/Cross-iterationBatchNorm CBN.py); ours: one weight-sized derivative plus per-channel scalars
+    and one mean patch."""
     ratio = block_report["blocks"][0]["ratios"]["CBN/official-style CBN"]["window_state"]
     assert 0.2 < ratio < 0.5
     assert block_report["blocks"][0]["results"]["BN"]["window_state_bytes"] == 0
@@ -104,7 +105,7 @@ def test_official_style_baseline_computes_the_same_normalization_as_d2norm_cbn()
     conv_b.load_state_dict(conv_a.state_dict())
     ours = CrossIterationBatchNorm2d(5, window=3).double().bind_conv(conv_a)
     official = bench.OfficialStyleCrossIterationBN(5, window=3).double()
-    for step in range(5):
+    for _ in range(5):
         x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = ours(conv_a(xa)), official(conv_b(xb), conv_b.weight)
@@ -130,7 +131,7 @@ def test_detector_report_has_bn_cbn_mabn_with_active_windows(tmp_path):
     ])
     detector = json.loads(path.read_text())["detector"]
     assert set(detector["results"]) == {"BN", "PreciseBN", "CBN floor", "CBN", "MABN"}
-    for name, r in detector["results"].items():
+    for r in detector["results"].values():
         assert _positive(r["time_s"]) and _positive(r["peak_bytes"]) and r["norm_layers"] > 0
     assert detector["results"]["CBN"]["cbn_layers_pooling"] == detector["results"]["CBN"]["norm_layers"]
     assert detector["results"]["MABN"]["mabn_layers_past_warmup"] == detector["results"]["MABN"]["norm_layers"]

@@ -13,9 +13,9 @@ from detectron2.modeling import build_model as d2_build_model
 
 import d2norm
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+from d2norm.layers.weight_centralization import is_weight_centralized
 from d2norm.modeling.binding import conv_norm_pairs
 from d2norm.modeling.conv_inputs import find_norm_inputs
-from d2norm.layers.weight_centralization import is_weight_centralized
 
 
 def tiny_rcnn_cfg(norm, freeze_at=0):
@@ -31,7 +31,8 @@ def tiny_rcnn_cfg(norm, freeze_at=0):
         "MODEL.ANCHOR_GENERATOR.SIZES", "[[8], [16], [32], [64], [128]]",
         "MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']",
         "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_CONV", "4",
-        "MODEL.ROI_BOX_HEAD.NUM_FC", "1", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7",
+        "MODEL.ROI_BOX_HEAD.NUM_FC", "1", "MODEL.ROI_BOX_HEAD.CONV_DIM", "16",
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7",
         "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
         "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "14",
         "MODEL.RESNETS.NORM", norm, "MODEL.FPN.NORM", norm,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from d2norm.engine.checkpoint import CheckpointError, Checkpointer
+from d2norm.engine.checkpoint import Checkpointer, CheckpointError
 
 
 def model(seed):

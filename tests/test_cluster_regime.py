@@ -7,13 +7,13 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
+from tool_scripts import load_tool
 
 from d2norm import add_d2norm_config
 from d2norm.data.classification import CLASSES, classification_image
 from d2norm.engine.pretrain import PretrainSettings, ensure_pretrained_trunk, pretrain_trunk
 from d2norm.modeling.build import build_model
 from d2norm.study.matrix import read_study
-from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "cluster_regime"

@@ -2,12 +2,11 @@
 import math
 
 import pytest
-
 from test_train_net import DEMO_BASE, parse, tiny_opts, tiny_splits  # noqa: F401 (fixture)
 from tool_scripts import load_tool
 
 
-def test_compares_the_two_regimes_on_a_trained_checkpoint(tiny_splits, tmp_path, capsys):
+def test_compares_the_two_regimes_on_a_trained_checkpoint(tiny_splits, tmp_path, capsys):  # noqa: F811
     opts = tiny_opts("PreciseBN", tmp_path, tiny_splits, max_iter=2) + ["TEST.EVAL_PERIOD", "0", "SEED", "3"]
     load_tool("train_net").main(parse(["--config-file", str(DEMO_BASE), *opts]))
 

@@ -7,11 +7,11 @@ import torch
 import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.modeling.backbone import build_resnet_backbone
 from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone import build_resnet_backbone
+from tool_scripts import load_tool
 
 import d2norm
-from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.evaluation import COCOEvaluator
-from detectron2.structures import BoxMode, Boxes, Instances, PolygonMasks, polygons_to_bitmask
+from detectron2.structures import Boxes, BoxMode, Instances, PolygonMasks, polygons_to_bitmask
 from pycocotools.coco import COCO
 
 from d2norm.data import (

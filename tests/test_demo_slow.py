@@ -12,14 +12,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo" / "mask_rcnn_R_18_FPN_MABN_shapes.yaml"
-# Box AP measured for the shipped demo (README, Measurements), minus a margin for run-to-run noise.
+# Box AP measured for the shipped demo (docs/demo.md), minus a margin for run-to-run noise.
 MIN_BOX_AP = 35.0  # the goal; measured: 45.3 (seed 0), 40.9 (seed 1), 42.8 (seed 2)
 
 
 @pytest.mark.slow
 def test_demo_trains_to_a_working_box_ap_and_draws_its_predictions(tmp_path):
     tools = REPO / "tools"
-    subprocess.run([sys.executable, str(tools / "train_net.py"), "--config-file", str(DEMO), "OUTPUT_DIR", str(tmp_path)],
+    subprocess.run([sys.executable, str(tools / "train_net.py"), "--config-file", str(DEMO),
+                    "OUTPUT_DIR", str(tmp_path)],
                    cwd=REPO, check=True, timeout=3600)
     results = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     box_ap = [r["bbox/AP"] for r in results if "bbox/AP" in r]

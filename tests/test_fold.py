@@ -9,9 +9,9 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
 import d2norm
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from d2norm.modeling.fold import fold_norms
 from d2norm.layers.per_level import PerLevelNorm
 from d2norm.modeling.build import build_model
+from d2norm.modeling.fold import fold_norms
 
 D2NORM_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d, PerLevelNorm)
 

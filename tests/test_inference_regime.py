@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-
-from d2norm.statistics.inference_regime import recalibrate_in_inference_regime
-from d2norm.layers import MovingAverageBatchNorm2d
-from d2norm.statistics.recalibration import population_norm_layers, recalibrate
 from test_recalibrate import NORM_TYPES, _batches, _model, _state, _train_steps
+
+from d2norm.layers import MovingAverageBatchNorm2d
+from d2norm.statistics.inference_regime import recalibrate_in_inference_regime
+from d2norm.statistics.recalibration import population_norm_layers, recalibrate
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def _inference_regime_reference(model, batches):
             layer.recalibrated.fill_(True)
     for _, layer in population_norm_layers(model):
         inputs = []
-        handle = layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].double()))
+        handle = layer.register_forward_pre_hook(lambda m, args, inputs=inputs: inputs.append(args[0].double()))
         for batch in batches:
             model(batch)
         handle.remove()

@@ -5,26 +5,26 @@ import math
 import os
 from pathlib import Path
 
+import detectron2.data.transforms as T
 import pytest
 import torch
 import torch.nn as nn
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, get_cfg
-import detectron2.data.transforms as T
 from omegaconf import ListConfig, OmegaConf
+from tool_scripts import load_tool
 
 import d2norm
 from d2norm import lazy
 from d2norm.config.defaults import D2NormConfigError
-from d2norm.modeling.conv_inputs import find_norm_inputs
 from d2norm.data import register_shapes_split
 from d2norm.engine.hooks import build_norm_hooks
+from d2norm.engine.solver import build_optimizer
 from d2norm.layers import MovingAverageBatchNorm2d
 from d2norm.layers.per_level import PerLevelNorm
 from d2norm.layers.precise_bn import NotRecalibratedError
 from d2norm.modeling.build import build_model
-from d2norm.engine.solver import build_optimizer
-from tool_scripts import load_tool
+from d2norm.modeling.conv_inputs import find_norm_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -195,7 +195,8 @@ def test_lazyconfig_twin_is_the_yaml_experiment(name):
     loader = lazy_cfg.dataloader.train
     resize = loader.mapper.augmentations[0]
     assert loader.total_batch_size == solver.IMS_PER_BATCH
-    assert (tuple(resize.short_edge_length), resize.max_size) == (tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN)
+    assert (tuple(resize.short_edge_length), resize.max_size) == (
+        tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN)
     assert loader.dataset.names in (cfg.DATASETS.TRAIN[0], list(cfg.DATASETS.TRAIN))
 
 
@@ -249,7 +250,8 @@ def shrink(cfg, splits, output_dir):
                      reference_world_size=0)
     cfg.dataloader.train.update(total_batch_size=2, num_workers=0)
     cfg.dataloader.train.dataset.names = train
-    cfg.dataloader.train.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=(64,), max_size=64, sample_style="choice")]
+    cfg.dataloader.train.mapper.augmentations = [
+        L(T.ResizeShortestEdge)(short_edge_length=(64,), max_size=64, sample_style="choice")]
     cfg.dataloader.pop("evaluator")  # no COCO here; evaluation is tested elsewhere
     model = cfg.model
     if "roi_heads" in model:

@@ -2,11 +2,11 @@
 import pytest
 import torch
 from detectron2.modeling import build_model as d2_build_model
+from test_binding import tiny_rcnn_cfg
 
 import d2norm
 from d2norm import CrossIterationBatchNorm2d
 from d2norm.modeling.registry import UnknownNormError
-from test_binding import tiny_rcnn_cfg
 
 
 def _cbn_windows(model):

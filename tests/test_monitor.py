@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-
-from d2norm.modeling.binding import prepare_model
-from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from d2norm.statistics.monitor import NormStatsProbe, model_part, recalibration_shift
-from d2norm.statistics.recalibration import recalibrate
 from test_train_net import DEMO_BASE, parse, tiny_opts, tiny_splits  # noqa: F401 (fixture)
 from tool_scripts import load_tool
+
+from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from d2norm.modeling.binding import prepare_model
+from d2norm.statistics.monitor import NormStatsProbe, model_part, recalibration_shift
+from d2norm.statistics.recalibration import recalibrate
 
 
 def _column(*values):
@@ -154,7 +154,7 @@ def _train(output_dir, splits, monitor):
     return metrics, trainer.model.state_dict()
 
 
-def test_training_is_identical_with_the_monitor_on_and_off(tiny_splits, tmp_path):
+def test_training_is_identical_with_the_monitor_on_and_off(tiny_splits, tmp_path):  # noqa: F811
     off, off_state = _train(tmp_path / "off", tiny_splits, monitor=False)
     on, on_state = _train(tmp_path / "on", tiny_splits, monitor=True)
     losses = [{k: v for k, v in m.items() if "loss" in k} for m in off]

@@ -2,7 +2,8 @@
 
 Specification: the official configs of Howal/Cross-iterationBatchNorm (CBN) and megvii-model/MABN
 (MABN), the MABN paper's App. B.3 (batch statistics in the heads for the first 10,000 iterations),
-detectron2's configs and projects/Rethinking-BatchNorm ("Rethinking 'Batch' in BatchNorm"). Every config trains 2 images per GPU on 8 GPUs.
+detectron2's configs and projects/Rethinking-BatchNorm ("Rethinking 'Batch' in BatchNorm"). Every config
+trains 2 images per GPU on 8 GPUs.
 """
 import importlib.util
 import math
@@ -16,12 +17,12 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser
 from detectron2.layers import FrozenBatchNorm2d
+from tool_scripts import load_tool
 
-from d2norm.modeling.binding import conv_norm_pairs
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.weight_centralization import is_weight_centralized
+from d2norm.modeling.binding import conv_norm_pairs
 from d2norm.modeling.build import build_model
-from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -9,9 +9,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
 import d2norm  # noqa: F401  (registers the norm names)
-from d2norm.modeling.binding import prepare_model
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.per_level import PerLevelNorm, make_retinanet_head_per_level
+from d2norm.modeling.binding import prepare_model
 from d2norm.statistics.recalibration import recalibrate
 
 NUM_LEVELS = 3

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 from tool_scripts import load_tool
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

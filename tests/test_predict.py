@@ -7,10 +7,10 @@ import cv2
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
-
-from d2norm.data import register_shapes_split
 from test_train_net import DEMO_BASE, REPO, parse, tiny_opts
 from tool_scripts import load_tool
+
+from d2norm.data import register_shapes_split
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,8 @@ def test_images_and_a_folder_in_pngs_json_and_grid_out_without_loading_warnings(
 def test_folded_norms_predict_what_the_unfolded_model_predicts(checkpoint):
     weights, opts, images = checkpoint
     predict = load_tool("predict")
-    argv = ["--config-file", str(DEMO_BASE), "--weights", str(weights), "--json", "unused", "--score-thresh", "0", *opts]
+    argv = ["--config-file", str(DEMO_BASE), "--weights", str(weights), "--json", "unused",
+            "--score-thresh", "0", *opts]
     cfg = predict.setup_cfg(predict.parse_args(argv))
     folded, unfolded = predict.Predictor(cfg, fold=True), predict.Predictor(cfg, fold=False)
     assert not any("Norm" in type(m).__name__ and "Frozen" not in type(m).__name__ for m in folded.model.modules())

@@ -11,8 +11,8 @@ import torch.nn as nn
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils.events import EventStorage, get_event_storage
 
-from d2norm.modeling.binding import prepare_model
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from d2norm.modeling.binding import prepare_model
 from d2norm.statistics.recalibration import population_norm_layers, recalibrate
 
 NORM_TYPES = {

@@ -50,9 +50,9 @@ Not asserted, because it did not hold on every seed or held the other way:
 import pytest
 import torch
 import torch.nn as nn
+from small_batch_task import accuracy, make_cnn, make_split, train
 
 from d2norm.layers import MovingAverageBatchNorm2d
-from small_batch_task import accuracy, make_cnn, make_split, train
 
 SEEDS = (0, 1)
 TRAIN_IMAGES, TEST_IMAGES = 1024, 1024

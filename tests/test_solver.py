@@ -4,8 +4,8 @@ from detectron2.config import get_cfg
 from detectron2.layers import Conv2d
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from d2norm.layers.per_level import PerLevelNorm
 from d2norm.engine.solver import build_optimizer, get_optimizer_param_groups
+from d2norm.layers.per_level import PerLevelNorm
 
 
 def model_with_every_norm():

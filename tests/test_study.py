@@ -13,14 +13,21 @@ from pathlib import Path
 
 import pytest
 from detectron2.config import get_cfg
-
-from d2norm import add_d2norm_config
-from d2norm.study import CellFailedError, StudyFileError, StudyRunner, aggregate, load_study, markdown_table
-from d2norm.study import write_report
-from d2norm.study.matrix import NORM_KEYS
-from d2norm.study.__main__ import parse_args
 from test_train_net import DEMO_BASE, parse, tiny_opts, tiny_splits  # noqa: F401  (fixture)
 from tool_scripts import load_tool
+
+from d2norm import add_d2norm_config
+from d2norm.study import (
+    CellFailedError,
+    StudyFileError,
+    StudyRunner,
+    aggregate,
+    load_study,
+    markdown_table,
+    write_report,
+)
+from d2norm.study.__main__ import parse_args
+from d2norm.study.matrix import NORM_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_CONFIG = REPO / "configs" / "study" / "mask_rcnn_R_18_FPN_shapes_scratch.yaml"
@@ -197,7 +204,8 @@ def test_report_gives_mean_and_spread_over_seeds_and_writes_plots(study_file, fa
     table = markdown_table(summary)
     assert "| BN@2 | 2 | 4 | 2 | 15.0 ± 7.1 | 10.0, 20.0 | 7.5 ± 3.5 |" in table
     by_key = {(c.variant.name, c.seed): c for c in cells}
-    write_report(records, tmp_path / "report", lambda r: by_key[(r["variant"], r["seed"])].directory(fake_runner.output))
+    write_report(records, tmp_path / "report",
+                 lambda r: by_key[(r["variant"], r["seed"])].directory(fake_runner.output))
     assert json.loads((tmp_path / "report" / "results.json").read_text()) == records
     for png in ("final_ap.png", "loss.png"):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

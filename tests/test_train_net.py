@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.engine import HookBase, default_argument_parser
+from tool_scripts import load_tool
 
 from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
-from d2norm.engine.checkpoint import CheckpointError
 from d2norm.data import register_shapes_split
+from d2norm.engine.checkpoint import CheckpointError
 from d2norm.engine.launch import free_port
 from d2norm.engine.output_lock import OutputDirBusyError, output_dir_lock
-from tool_scripts import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BASE = REPO / "configs" / "demo" / "Base-Demo-Shapes.yaml"
@@ -32,7 +32,8 @@ def tiny_splits(tmp_path_factory):
 
 
 def tiny_opts(norm, output_dir, splits, max_iter=3):
-    """The demo architecture shrunk: R-18 (32-channel stem), 16-channel FPN and heads, 96 px, few RoIs, a 4conv1fc box head."""
+    """The demo architecture shrunk: R-18 (32-channel stem), 16-channel FPN and heads, 96 px, few RoIs,
+    a 4conv1fc box head."""
     train, val = splits
     return [
         "OUTPUT_DIR", str(output_dir),

@@ -37,9 +37,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import d2norm
-from d2norm.modeling.binding import conv_norm_pairs
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.weight_centralization import is_weight_centralized
+from d2norm.modeling.binding import conv_norm_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DETECTOR_CONFIG = REPO / "configs" / "CBN" / "mask_rcnn_R_50_FPN_1x_bn.yaml"
@@ -275,14 +275,14 @@ def run_block_benchmark(args, channels, size, device):
         progress(f"{where}: round {i + 1}/{rounds} ({'warm-up' if i < args.warmup else 'measured'}), "
                  f"one step each of {', '.join(blocks)}")
         for name, block in blocks.items():
-            seconds = timed(lambda: block(x), backward, device)
+            seconds = timed(lambda block=block: block(x), backward, device)
             update(block)
             if i >= args.warmup:
                 times[name].append(seconds)
     results = {}
     progress(f"{where}: one more step each for peak memory")
     for name, block in blocks.items():
-        after_forward, peak = step_memory(lambda: block(x), backward, device)
+        after_forward, peak = step_memory(lambda block=block: block(x), backward, device)
         update(block)
         results[name] = {
             "time_s": statistics.median(times[name]),
@@ -558,7 +558,8 @@ def markdown(report):
             f"Forward + backward + SGD step; median of {c['measured_steps']} steps after {c['warmup_steps']} warm-up "
             f"steps; {c['rois_per_image']} RoIs per image sampled from proposals shared by all variants "
             f"(foreground RoIs per image: {foreground}); "
-            f"CBN window k={c['cbn_window']}, burn-in 0 (active: pooling a non-empty history); MABN active: past warm-up.",
+            f"CBN window k={c['cbn_window']}, burn-in 0 (active: pooling a non-empty history); "
+            f"MABN active: past warm-up.",
             "",
             *_results_table(detector["results"], "s", 1.0, extra=("norm layers", layers)),
             "",
@@ -574,7 +575,8 @@ def _block_shape(text):
     try:
         channels, size = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"block shapes are CxS, e.g. 256x32 (C channels, SxS pixels), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"block shapes are CxS, e.g. 256x32 (C channels, SxS pixels), got {text!r}") from None
     return channels, size
 
 

@@ -80,7 +80,8 @@ def main():
         "ratio_recalibration_over_inference": recal / infer,
     }
     print("| pass | s / 100 images |\n|---|---|")
-    print(f"| recalibration ({args.norm}, training-mode forward, no grad) | {result['recalibration_s_per_100_images']:.2f} |")
+    print(f"| recalibration ({args.norm}, training-mode forward, no grad) "
+          f"| {result['recalibration_s_per_100_images']:.2f} |")
     print(f"| inference (eval-mode forward) | {result['inference_s_per_100_images']:.2f} |")
     print(f"\nrecalibration / inference = {result['ratio_recalibration_over_inference']:.2f} "
           f"({images} images, {cfg.MODEL.DEVICE}, {torch.get_num_threads()} threads)")

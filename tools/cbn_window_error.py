@@ -36,9 +36,9 @@ from detectron2.utils.events import EventStorage
 
 import d2norm  # noqa: F401  (registers the norm names)
 from d2norm import add_d2norm_config, validate_d2norm_config
+from d2norm.engine.solver import build_optimizer
 from d2norm.layers import CrossIterationBatchNorm2d
 from d2norm.modeling.build import build_model
-from d2norm.engine.solver import build_optimizer
 
 
 def cbn_layers(model):

@@ -14,16 +14,15 @@ import logging
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser, default_setup, default_writers
-from detectron2.engine import hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import d2norm  # registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers)
 from d2norm import lazy
-from d2norm.engine.launch import launch
 from d2norm.engine.evaluation import fast_coco_eval_available
+from d2norm.engine.launch import launch
 
 logger = logging.getLogger("d2norm")
 

@@ -10,7 +10,7 @@ The model is built as in training (``d2norm.build_model``: ``cfg.D2NORM`` settin
 checkpoint tensor loads), put in eval mode and its norm layers are folded into their convs
 (``d2norm.fold_norms``: inference at the cost of a plain conv, and no cross-iteration state).
 """
-import argparse
+import argparse  # noqa: I001  (d2norm is imported before detectron2, see below)
 import json
 import logging
 import time

@@ -4,7 +4,7 @@
 Same flags as detectron2's ``tools/train_net.py``: ``--config-file``, ``--num-gpus`` (processes;
 gloo on CPU when there is no GPU), ``--resume``, ``--eval-only`` and trailing ``KEY VALUE`` overrides.
 """
-import contextlib
+import contextlib  # noqa: I001  (d2norm is imported before detectron2, see below)
 import json
 import logging
 import os
@@ -20,16 +20,16 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2norm import add_d2norm_config, validate_d2norm_config
-from d2norm.engine.checkpoint import Checkpointer
 from d2norm.config.defaults import scale_norm_iterations
+from d2norm.engine.checkpoint import Checkpointer
 from d2norm.engine.cpu_threads import set_default_cpu_threads
-from d2norm.engine.launch import cpu_ddp_compatible, launch
 from d2norm.engine.evaluation import fast_coco_eval_available
 from d2norm.engine.hooks import build_norm_hooks, recalibration_loader
-from d2norm.modeling.build import build_model
+from d2norm.engine.launch import cpu_ddp_compatible, launch
 from d2norm.engine.nonfinite_report import ReportNonFiniteSkips
 from d2norm.engine.output_lock import output_dir_lock
 from d2norm.engine.solver import build_optimizer
+from d2norm.modeling.build import build_model
 
 
 class Trainer(DefaultTrainer):

@@ -7,8 +7,8 @@
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
-from d2norm.lazy import get_d2norm_config
 from d2norm.engine.solver import clip_full_model_gradients
+from d2norm.lazy import get_d2norm_config
 
 from ..common.d2norm_recipe import (
     SGD,

@@ -2,11 +2,11 @@
 # treat every d2norm layer as a norm, detectron2's YAML learning-rate schedule (multi-step with
 # linear warm-up) and training options, each written so that a LazyConfig says what the YAML
 # config beside it says (SOLVER.* keys in the comments).
+import torch
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
-import torch
 
 from d2norm.engine.solver import get_optimizer_param_groups
 

@@ -4,6 +4,7 @@
 # ResNet-18-FPN Mask R-CNN from scratch on the built-in demo shapes split (128-pixel images, 2 per
 # batch); MABN (the official detection settings) in the FPN, the box head and the mask head,
 # GroupNorm in the backbone.
+import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.data import (
     DatasetMapper,
@@ -11,7 +12,6 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-import detectron2.data.transforms as T
 from detectron2.evaluation import COCOEvaluator
 from detectron2.layers import ShapeSpec
 from detectron2.model_zoo import get_config

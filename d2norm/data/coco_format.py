@@ -6,7 +6,6 @@ COCO polygons cannot have holes (a later shape lying inside an earlier one), so 
 joined to its outer contour by a zero-width cut ("keyhole"), which even-odd filling leaves empty.
 ``area`` and ``bbox`` are those of the rasterised polygons, i.e. of what ``annToMask`` returns.
 """
-from typing import List, Optional
 
 import cv2
 import numpy as np
@@ -25,7 +24,7 @@ def _join_hole(outer: np.ndarray, hole: np.ndarray) -> np.ndarray:
     return np.concatenate([outer[: i + 1], np.roll(hole, -j, axis=0), hole[j: j + 1], outer[i:]])
 
 
-def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
+def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
     """COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` whose union is ``mask`` (bool H x W)."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
@@ -48,7 +47,7 @@ def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
     ]
 
 
-def instance_annotation(mask: np.ndarray, category_id: int) -> Optional[dict]:
+def instance_annotation(mask: np.ndarray, category_id: int) -> dict | None:
     """A COCO annotation (without ids) for the visible ``mask``, or None if nothing is left."""
     polygons = mask_to_polygons(mask)
     if not polygons:

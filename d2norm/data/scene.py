@@ -5,8 +5,8 @@ its *visible* pixels only (inside the image and not covered by a later shape); a
 visible part is less than ``min_visible_fraction`` of its whole shape (border truncation counts)
 or smaller than ``min_visible_area`` pixels is dropped.
 """
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def _random_shape(rng, image_size, area_range):
     return ShapeSpec(category, (float(x), float(y)), float(radius), float(angle), float(aspect))
 
 
-def sample_layout(rng, image_size: int, style: SceneStyle = STUDY) -> List[ShapeSpec]:
+def sample_layout(rng, image_size: int, style: SceneStyle = STUDY) -> list[ShapeSpec]:
     """Shapes of one image in painting order: either one large shape with small shapes on top
     (so that it stays mostly visible), or a mix of small and medium shapes."""
     count = int(rng.integers(1, style.max_shapes + 1))
@@ -59,7 +59,7 @@ def visible_instances(
     image_size: int,
     min_visible_fraction: float = STUDY.min_visible_fraction,
     min_visible_area: int = MIN_VISIBLE_AREA,
-) -> Tuple[List[np.ndarray], List[VisibleInstance]]:
+) -> tuple[list[np.ndarray], list[VisibleInstance]]:
     """Whole masks of ``specs`` (painting order) and the instances that stay annotated."""
     rendered = [rasterize(spec, image_size) for spec in specs]
     covered = np.zeros((image_size, image_size), dtype=bool)
@@ -84,7 +84,7 @@ def paint(rng, masks: Sequence[np.ndarray], image_size: int, style: SceneStyle =
     return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
 
 
-def random_scene(rng, image_size: int, style: SceneStyle = STUDY) -> Tuple[np.ndarray, List[VisibleInstance]]:
+def random_scene(rng, image_size: int, style: SceneStyle = STUDY) -> tuple[np.ndarray, list[VisibleInstance]]:
     """One image of ``style`` and its annotated instances."""
     specs = sample_layout(rng, image_size, style)
     masks, instances = visible_instances(specs, image_size, style.min_visible_fraction)

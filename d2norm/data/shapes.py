@@ -5,7 +5,6 @@ y axis by ``aspect``, rotated by ``angle`` and scaled by its circumradius ``radi
 drawn without anti-aliasing, so a shape's mask is exactly the set of pixels it paints.
 """
 from dataclasses import dataclass
-from typing import Tuple
 
 import cv2
 import numpy as np
@@ -51,7 +50,7 @@ class ShapeSpec:
     """One shape instance: geometry only (appearance is chosen when the scene is painted)."""
 
     category: str
-    center: Tuple[float, float]  # (x, y) in pixels, continuous coordinates (pixel i spans [i, i+1])
+    center: tuple[float, float]  # (x, y) in pixels, continuous coordinates (pixel i spans [i, i+1])
     radius: float  # circumradius in pixels
     angle: float = 0.0  # rotation in radians
     aspect: float = 1.0  # y-axis squash of the unit outline, see ASPECT_RANGES
@@ -71,7 +70,7 @@ def outline(spec: ShapeSpec) -> np.ndarray:
     return rotated * spec.radius + np.asarray(spec.center, dtype=np.float64)
 
 
-def rasterize(spec: ShapeSpec, image_size: int) -> Tuple[np.ndarray, int]:
+def rasterize(spec: ShapeSpec, image_size: int) -> tuple[np.ndarray, int]:
     """The shape's mask inside the ``image_size`` square image, and its area in pixels when the
     image border does not cut it (the shape is drawn on a canvas large enough to hold all of it)."""
     vertices = outline(spec) - 0.5  # fillPoly places integer coordinates at pixel centres

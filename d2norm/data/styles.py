@@ -7,7 +7,6 @@ demo detector learns faster: one to four shapes of 16²-64² pixels (none tiny, 
 occluded, with solid fills on smooth backgrounds and less pixel noise.
 """
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
 
 __all__ = ["SceneStyle", "STUDY", "DEMO"]
 
@@ -18,14 +17,14 @@ class SceneStyle:
 
     name: str
     # Whole-shape areas (pixels) per size class, drawn log-uniformly within the range.
-    size_class_areas: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    size_class_areas: dict[str, tuple[float, float]] = field(default_factory=dict)
     large_shape_probability: float = 0.0  # chance that an image starts with one large shape
     small_shape_probability: float = 0.0  # otherwise, each shape is small with this chance, else medium
     max_shapes: int = 6
     min_visible_fraction: float = 0.5  # an instance less visible than this is dropped
-    background_patterns: Tuple[str, ...] = ("gradient",)  # names in d2norm.data.appearance.PATTERNS
+    background_patterns: tuple[str, ...] = ("gradient",)  # names in d2norm.data.appearance.PATTERNS
     textured_fill_probability: float = 0.0  # else the fill is one solid colour
-    noise_std: Tuple[float, float] = (2.0, 8.0)  # range of the per-image Gaussian pixel noise
+    noise_std: tuple[float, float] = (2.0, 8.0)  # range of the per-image Gaussian pixel noise
 
 
 # The class limits are COCO's absolute small/medium/large thresholds (32², 96²) so that AP_s, AP_m

@@ -64,7 +64,7 @@ class Checkpointer(DetectionCheckpointer):
         try:
             with self.path_manager.open(tag, "rb") as f:
                 name = f.read().decode("utf-8").strip()
-        except IOError:
+        except OSError:
             return ""  # removed meanwhile, as detectron2 allows
         except UnicodeDecodeError as e:
             raise CheckpointError(f"{tag} is damaged: it should hold a checkpoint file name ({e})") from e

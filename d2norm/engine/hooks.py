@@ -20,8 +20,8 @@ from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config.defaults import RECALIBRATION_REGIMES
-from ..statistics.inference_regime import recalibrate_in_inference_regime
 from ..layers import PreciseBatchNorm2d
+from ..statistics.inference_regime import recalibrate_in_inference_regime
 from ..statistics.monitor import NormStatsMonitor, population_statistics, recalibration_shift
 from ..statistics.recalibration import population_norm_layers, recalibrate
 

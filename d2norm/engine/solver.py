@@ -1,9 +1,10 @@
 """Optimizer construction that treats d2norm layers as normalization layers.
 
 Detectron2 applies ``SOLVER.WEIGHT_DECAY_NORM`` only to parameters owned by a fixed tuple of torch
-norm types (``detectron2/solver/build.py``, ``get_default_optimizer_params``). CBN and PreciseBN subclass ``nn.BatchNorm2d`` and are covered;
-MABN and the per-level wrapper (shared affine) are not, so they would silently get the full weight
-decay. This module builds the same parameter groups with d2norm types included.
+norm types (``detectron2/solver/build.py``, ``get_default_optimizer_params``). CBN and PreciseBN
+subclass ``nn.BatchNorm2d`` and are covered; MABN and the per-level wrapper (shared affine) are not,
+so they would silently get the full weight decay. This module builds the same parameter groups with
+d2norm types included.
 """
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping

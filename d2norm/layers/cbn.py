@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
 from .per_channel import (
-    REDUCE_DIMS, all_finite, batch_norm_affine, keep_float32_buffers, per_channel, statistics_dtype,
+    REDUCE_DIMS,
+    all_finite,
+    batch_norm_affine,
+    keep_float32_buffers,
+    per_channel,
+    statistics_dtype,
 )
 from .recomputation import refuse_recomputation
 
@@ -375,7 +380,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         )
 
     def _compensated_history(self, weight, groups):
-        """Past statistics moved to ``weight`` (the Taylor step of the module docstring) and their per-channel validity."""
+        """Past statistics moved to ``weight`` (the Taylor step of the module docstring) and their
+        per-channel validity."""
         dtype = weight.dtype
         if self.window == 1:  # no past
             empty = weight.new_zeros(0, self.num_features)

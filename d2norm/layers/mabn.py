@@ -1,12 +1,12 @@
 """MABN: Moving Average Batch Normalization (Yan et al., ICLR 2020, arXiv 2001.06838).
 
-Official detection variant (megvii-model/MABN ``det/maskrcnn_benchmark/layers/MABN.py``, same as ``MABN.py``): no mean-centring — x is divided
-by the root of its per-channel second moment χ = mean(x²); the forward statistic is the simple
-moving average (SMAS) of χ over the last m iterations, renormalised towards the exponential moving
-average (EMAS) ``running_var`` by a clipped factor r (BRN-style); the backward replaces the batch
-statistic Ψ = mean(g·z) by its SMAS over the same m iterations. The preceding conv should be
-weight-centralised (:mod:`d2norm.layers.weight_centralization`), which stands in for the mean
-subtraction.
+Official detection variant (megvii-model/MABN ``det/maskrcnn_benchmark/layers/MABN.py``, same as
+``MABN.py``): no mean-centring — x is divided by the root of its per-channel second moment
+χ = mean(x²); the forward statistic is the simple moving average (SMAS) of χ over the last m
+iterations, renormalised towards the exponential moving average (EMAS) ``running_var`` by a clipped
+factor r (BRN-style); the backward replaces the batch statistic Ψ = mean(g·z) by its SMAS over the
+same m iterations. The preceding conv should be weight-centralised
+(:mod:`d2norm.layers.weight_centralization`), which stands in for the mean subtraction.
 """
 import logging
 

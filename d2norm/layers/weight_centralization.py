@@ -1,4 +1,5 @@
-"""Weight centralisation for the convs that feed MABN (MABN paper, Sec. 4.3; official ``CenConv2d`` in megvii-model/MABN).
+"""Weight centralisation for the convs that feed MABN (MABN paper, Sec. 4.3; official ``CenConv2d``
+in megvii-model/MABN).
 
 MABN normalises by the second moment and never subtracts a mean; instead every conv that feeds it
 uses a zero-mean filter per output channel, W̃[c] = W[c] − mean_{i,u,v} W[c, i, u, v], recomputed in
@@ -18,7 +19,6 @@ W̃ as ``self.weight``. This works for ``torch.nn.Conv2d`` and for detectron2's 
 checkpoints (centred or not) load unchanged, initialisers act on the Parameter, and
 ``isinstance`` checks against the original class still hold.
 """
-from typing import Dict, Type
 
 import torch
 import torch.nn as nn
@@ -69,10 +69,10 @@ class _WeightCentralizedConv:
         return _new_centralized, (type(self)._centralized_base,), self.__dict__
 
 
-_CENTRALIZED_CLASSES: Dict[type, Type[nn.Module]] = {}
+_CENTRALIZED_CLASSES: dict[type, type[nn.Module]] = {}
 
 
-def _centralized_class(base: type) -> Type[nn.Module]:
+def _centralized_class(base: type) -> type[nn.Module]:
     cls = _CENTRALIZED_CLASSES.get(base)
     if cls is None:
         name = f"WeightCentralized{base.__name__}"

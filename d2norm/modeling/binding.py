@@ -16,10 +16,10 @@ No module is registered under another (no cycles), and parameter names do not ch
 """
 import logging
 
-from .conv_inputs import CONV_TRANSPOSE2D, find_norm_inputs
 from ..layers.cbn import CrossIterationBatchNorm2d
 from ..layers.mabn import MovingAverageBatchNorm2d
 from ..layers.weight_centralization import centralize_conv_weight
+from .conv_inputs import CONV_TRANSPOSE2D, find_norm_inputs
 
 __all__ = ["prepare_model", "conv_norm_pairs"]
 

@@ -6,10 +6,10 @@ from collections import Counter
 from detectron2.modeling import build_model as d2_build_model
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
-from .binding import prepare_model
 from ..config.defaults import norm_settings_from_config
 from ..layers import MovingAverageBatchNorm2d
 from ..layers.per_level import make_retinanet_head_per_level
+from .binding import prepare_model
 from .registry import UnknownNormError, known_norm_names, norm_settings
 
 __all__ = ["build_model", "configured_norms", "finish_model", "norm_layer_summary"]

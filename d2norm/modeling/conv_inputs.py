@@ -14,7 +14,6 @@ conv outside a module — is reported with the operation that produced the input
 """
 import weakref
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -41,12 +40,12 @@ class NormInput:
 
     name: str
     norm: nn.Module
-    conv: Optional[nn.Module] = None
+    conv: nn.Module | None = None
     conv_name: str = ""
     kind: str = ""
     reason: str = ""
     exclusive: bool = False
-    _calls: List[tuple] = field(default_factory=list, repr=False)
+    _calls: list[tuple] = field(default_factory=list, repr=False)
 
     @property
     def fed_by_conv2d(self):
@@ -60,7 +59,7 @@ class _Produced:
     version: int
     op: str
     module: str  # where it ran, for messages
-    conv: Optional[nn.Module]
+    conv: nn.Module | None
     conv_call: int
 
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from detectron2.layers import FrozenBatchNorm2d
 
-from .conv_inputs import find_norm_inputs
 from ..layers import D2NORM_LAYER_TYPES
 from ..layers.weight_centralization import effective_conv_weight, is_weight_centralized
+from .conv_inputs import find_norm_inputs
 
 __all__ = ["fold_norms"]
 

@@ -7,7 +7,6 @@ other training option normalises the positions of all levels as one batch. This 
 for every ``torch.nn`` BatchNorm in its towers (``norm`` given as a class, e.g.
 ``torch.nn.SyncBatchNorm``: the strings "BN"/"SyncBN" make detectron2 build per-level lists).
 """
-from typing import List
 
 import torch
 import torch.nn as nn
@@ -16,7 +15,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 __all__ = ["SharedTrainingRetinaNetHead"]
 
 
-def _apply_jointly(features: List[torch.Tensor], layers):
+def _apply_jointly(features: list[torch.Tensor], layers):
     """Run ``layers`` on every level; BatchNorm layers see the levels' positions concatenated."""
     for layer in layers:
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -32,7 +31,7 @@ def _apply_jointly(features: List[torch.Tensor], layers):
 class SharedTrainingRetinaNetHead(RetinaNetHead):
     """:class:`RetinaNetHead` with one set of batch statistics over all FPN levels per tower norm."""
 
-    def forward(self, features: List[torch.Tensor]):
+    def forward(self, features: list[torch.Tensor]):
         assert len(features) == self._num_features
         logits = _apply_jointly(features, [*self.cls_subnet, self.cls_score])
         bbox_reg = _apply_jointly(features, [*self.bbox_subnet, self.bbox_pred])

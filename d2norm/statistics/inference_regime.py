@@ -15,9 +15,9 @@ norms are final gets its own in the next pass, so a chain of D norm layers is ex
 (a ResNet-18-FPN Mask R-CNN with norms everywhere: about 21; stopping earlier leaves deep layers
 calibrated to a stale upstream, which measured far worse than either regime);
 every pass draws the same random numbers (RoI sampling), and the passes stop once no layer's
-statistics move by more than ``tolerance`` (the mean over channels of :func:`d2norm.statistics.monitor.normalization_gap`
-between consecutive passes). Cost: one recalibration per pass, and the ``num_iters`` batches are
-held in memory.
+statistics move by more than ``tolerance`` (the mean over channels of
+:func:`d2norm.statistics.monitor.normalization_gap` between consecutive passes). Cost: one
+recalibration per pass, and the ``num_iters`` batches are held in memory.
 """
 import itertools
 import logging

@@ -7,9 +7,10 @@ over all of them, weighting every batch by its number of values N·H·W,
     mean = Σ x / n,    E[x²] = Σ x² / n,    var = E[x²] - mean²   (population variance),
 
 accumulated in float64. A batch whose input to a layer has a non-finite value adds nothing to
-that layer's sums (the other batches still count); the number of such batches is logged. Under ``torch.distributed`` the sums and counts are all-reduced, so every
-rank ends with the statistics of the union of all ranks' batches (fvcore's ``update_bn_stats``
-keeps per-rank statistics: detectron2 issues #5398, #5409).
+that layer's sums (the other batches still count); the number of such batches is logged. Under
+``torch.distributed`` the sums and counts are all-reduced, so every rank ends with the statistics
+of the union of all ranks' batches (fvcore's ``update_bn_stats`` keeps per-rank statistics:
+detectron2 issues #5398, #5409).
 
 What is set, per layer type:
 

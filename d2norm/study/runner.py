@@ -160,7 +160,8 @@ class StudyRunner:
         if records:
             last = max(records)
             loss = records[last].get("total_loss")
-            log(f"[study]   iteration {min(last + 1, iterations)}/{iterations}" + (f", loss {loss:.3f}" if loss is not None else "")
+            log(f"[study]   iteration {min(last + 1, iterations)}/{iterations}"
+                + (f", loss {loss:.3f}" if loss is not None else "")
                 + f", {format_seconds(time.time() - started)} elapsed")
 
     def _record(self, cell, commit, wall_seconds):
