@@ -9,8 +9,8 @@ imported on first use.
 """
 import importlib
 
-from ._compat import silence_third_party_warnings
 from ._post_import import after_import
+from ._warnings import silence_third_party_warnings
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 
 # name -> the subpackage that defines it (imported, with detectron2, on first access)

@@ -17,6 +17,8 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
+from .._compat import set_local_process_group
+
 __all__ = ["launch", "cpu_ddp_compatible", "free_port"]
 
 logger = logging.getLogger(__name__)
@@ -60,13 +62,7 @@ def free_port():
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
     rank = machine_rank * num_per_machine + local_rank
     dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
-    if hasattr(comm, "create_local_process_group"):  # detectron2 main
-        comm.create_local_process_group(num_per_machine)
-    else:  # detectron2 v0.6
-        for i in range(world_size // num_per_machine):
-            group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
-            if i == machine_rank:
-                comm._LOCAL_PROCESS_GROUP = group
+    set_local_process_group(num_per_machine, machine_rank)
     comm.synchronize()
     try:
         main_func(*args)

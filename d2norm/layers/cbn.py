@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
+from .._compat import batch_norm_backward_reductions
 from .per_channel import (
     REDUCE_DIMS,
     all_finite,
@@ -167,9 +168,8 @@ class _CrossIterationBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, gamma, pooled_mean, pooled_var, count = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.affine_dtypes
-        _, sum_g_x_hat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, gamma, pooled_mean, pooled_var, None, None, False, ctx.eps, [False, True, True]
-        )
+        _, sum_g_x_hat, sum_g = batch_norm_backward_reductions(
+            grad_y, x, gamma, pooled_mean, pooled_var, ctx.eps, input_grad=False)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             inv_std = torch.rsqrt(pooled_var + ctx.eps)

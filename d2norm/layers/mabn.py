@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .._compat import batch_norm_backward_reductions
 from .per_channel import REDUCE_DIMS, keep_float32_buffers, per_channel, register_affine, statistics_dtype
 from .recomputation import refuse_recomputation
 
@@ -59,9 +60,8 @@ class _MovingAverageNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, var, r, gain, zero_mean = ctx.saved_tensors
         buffer_gz = ctx.buffer_gz
-        grad_x, sum_grad_z, sum_grad = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, gain, zero_mean, var, None, None, False, ctx.eps, [True, True, True]
-        )
+        grad_x, sum_grad_z, sum_grad = batch_norm_backward_reductions(
+            grad_out, x, gain, zero_mean, var, ctx.eps, input_grad=True)
         psi = gain * sum_grad_z / (x.numel() // x.shape[1])
         previous = buffer_gz.index_select(0, ctx.slot)[0]
         stored = torch.where(psi.isfinite() & ctx.advanced, psi.to(buffer_gz.dtype), previous)

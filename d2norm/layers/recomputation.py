@@ -6,14 +6,14 @@ the non-reentrant variant would advance its state a second time, the reentrant o
 forward runs without autograd) would return a gradient of a different forward than the one whose
 output was used. The recomputation is recognised by running inside an autograd backward.
 """
-import torch
+from .._compat import inside_autograd_backward
 
 __all__ = ["refuse_recomputation"]
 
 
 def refuse_recomputation(layer):
     """Raise if ``layer``'s stateful training forward is being run by an autograd backward."""
-    if torch._C._current_graph_task_id() != -1:
+    if inside_autograd_backward():
         raise RuntimeError(
             f"{type(layer).__name__} was run inside a backward pass, i.e. recomputed by activation "
             "checkpointing (torch.utils.checkpoint): its cross-iteration state would advance twice or "
