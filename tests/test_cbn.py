@@ -16,7 +16,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from d2norm.layers import CrossIterationBatchNorm2d
 from d2norm.layers.cbn import conv_statistic_gradients, cross_iteration_batch_norm
 
-REFERENCE = Path(__file__).resolve().parent / "reference"  # copied from shared/reference (official-code trajectories)
+REFERENCE = Path(__file__).resolve().parent / "reference"  # official-code trajectories (reference/README.md)
 EPS = 1e-5
 WINDOW_KEYS = (
     "train_iterations",

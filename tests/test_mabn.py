@@ -23,7 +23,7 @@ from d2norm.layers.weight_centralization import (
     is_weight_centralized,
 )
 
-REFERENCE = Path(__file__).resolve().parent / "reference"  # copied from shared/reference (official-code trajectories)
+REFERENCE = Path(__file__).resolve().parent / "reference"  # official-code trajectories (reference/README.md)
 EPS = 1e-5
 
 
