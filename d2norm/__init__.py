@@ -10,7 +10,6 @@ imported on first use.
 import importlib
 
 from ._post_import import after_import
-from ._warnings import silence_third_party_warnings
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 
 # name -> the subpackage that defines it (imported, with detectron2, on first access)
@@ -51,6 +50,5 @@ def _register_datasets(_data):
     importlib.import_module(".data", __name__)
 
 
-silence_third_party_warnings()  # before detectron2's import-time warnings, if it is imported later
 after_import("detectron2.modeling", _install_norms)
 after_import("detectron2.data", _register_datasets)

@@ -9,6 +9,10 @@ per-level head statistics, head warm-up, conv binding), the d2norm recalibration
 hooks run before checkpointing and evaluation, ``train.reference_world_size`` keeps the per-GPU
 batch on other GPU counts, and the model is evaluated after recalibration.
 """
+from d2norm.engine.third_party_warnings import silence_third_party_warnings
+
+silence_third_party_warnings()  # this process's own: before detectron2's import-time warnings
+
 import logging
 
 import torch
@@ -19,8 +23,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-import d2norm  # registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers)
-from d2norm import lazy
+from d2norm import lazy, recalibrate
 from d2norm.engine.evaluation import fast_coco_eval_available
 from d2norm.engine.launch import launch
 
@@ -95,7 +98,7 @@ def main(args):
         DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
         precise = lazy.d2norm_node(cfg).D2NORM.PRECISE_BN
         if precise.RECALIBRATE_FOR_EVAL_ONLY:
-            d2norm.recalibrate(model, lazy.recalibration_loader(cfg), precise.NUM_ITER)
+            recalibrate(model, lazy.recalibration_loader(cfg), precise.NUM_ITER)
         return do_test(cfg, create_ddp_model(model))
     return do_train(args, cfg)
 

@@ -10,13 +10,16 @@ The model is built as in training (``d2norm.build_model``: ``cfg.D2NORM`` settin
 checkpoint tensor loads), put in eval mode and its norm layers are folded into their convs
 (``d2norm.fold_norms``: inference at the cost of a plain conv, and no cross-iteration state).
 """
-import argparse  # noqa: I001  (d2norm is imported before detectron2, see below)
+from d2norm.engine.third_party_warnings import silence_third_party_warnings
+
+silence_third_party_warnings()  # this process's own: before detectron2's import-time warnings
+
+import argparse
 import json
 import logging
 import time
 from pathlib import Path
 
-import d2norm  # noqa: F401  (first: registers the norm names, silences detectron2's import-time warnings)
 import cv2
 import numpy as np
 import torch

@@ -4,13 +4,16 @@
 Same flags as detectron2's ``tools/train_net.py``: ``--config-file``, ``--num-gpus`` (processes;
 gloo on CPU when there is no GPU), ``--resume``, ``--eval-only`` and trailing ``KEY VALUE`` overrides.
 """
-import contextlib  # noqa: I001  (d2norm is imported before detectron2, see below)
+from d2norm.engine.third_party_warnings import silence_third_party_warnings
+
+silence_third_party_warnings()  # this process's own: before detectron2's import-time warnings
+
+import contextlib
 import json
 import logging
 import os
 import weakref
 
-import d2norm  # noqa: F401  (first: registers CBN/MABN/PreciseBN in every get_norm importer, also in spawned workers, and silences detectron2's import-time warnings)
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
@@ -19,7 +22,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from d2norm import add_d2norm_config, validate_d2norm_config
+from d2norm import add_d2norm_config, recalibrate, validate_d2norm_config
 from d2norm.config.defaults import scale_norm_iterations
 from d2norm.engine.checkpoint import Checkpointer
 from d2norm.engine.cpu_threads import set_default_cpu_threads
@@ -127,7 +130,7 @@ def evaluate(cfg, args):
     model = Trainer.build_model(cfg)
     Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
     if cfg.D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY:
-        d2norm.recalibrate(model, recalibration_loader(cfg, Trainer.build_train_loader), cfg.D2NORM.PRECISE_BN.NUM_ITER)
+        recalibrate(model, recalibration_loader(cfg, Trainer.build_train_loader), cfg.D2NORM.PRECISE_BN.NUM_ITER)
     res = Trainer.test(cfg, model)
     verify_results(cfg, res)
     return res

@@ -8,8 +8,10 @@ Each is about third-party code a d2norm user cannot change, and repeats in every
 * "No CUDA runtime is found, using CUDA_HOME=..." (a torch log record): detectron2's
   ``collect_env`` imports ``torch.utils.cpp_extension`` on machines without CUDA.
 
-The filters match these messages only; every other warning and log record is shown as usual. They are installed
-by ``import d2norm``, which must therefore come before the first detectron2 import.
+The filters match these messages only; every other warning and log record is shown as usual. They are
+process-wide, so the library never installs them: d2norm's own entry points (``tools/train_net.py``,
+``tools/lazyconfig_train_net.py``, ``tools/predict.py``) call :func:`silence_third_party_warnings`
+first, before detectron2 is imported. Importing this module imports nothing else of d2norm.
 """
 import logging
 import warnings
