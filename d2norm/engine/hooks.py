@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config.defaults import RECALIBRATION_REGIMES
 from ..layers import PreciseBatchNorm2d
 from ..statistics.inference_regime import recalibrate_in_inference_regime
-from ..statistics.monitor import NormStatsMonitor, population_statistics, recalibration_shift
+from ..statistics.monitor import NormStatsMonitor, recalibration_shift
+from ..statistics.population import population_statistics
 from ..statistics.recalibration import population_norm_layers, recalibrate
 
 __all__ = ["FreezeNormLastIters", "NormRecalibrator", "RecalibrateNorms", "build_norm_hooks", "norm_hooks",

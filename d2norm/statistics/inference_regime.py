@@ -16,7 +16,7 @@ norms are final gets its own in the next pass, so a chain of D norm layers is ex
 calibrated to a stale upstream, which measured far worse than either regime);
 every pass draws the same random numbers (RoI sampling), and the passes stop once no layer's
 statistics move by more than ``tolerance`` (the mean over channels of
-:func:`d2norm.statistics.monitor.normalization_gap` between consecutive passes). Cost: one
+:func:`d2norm.statistics.population.normalization_gap` between consecutive passes). Cost: one
 recalibration per pass, and the ``num_iters`` batches are held in memory.
 """
 import itertools
@@ -26,7 +26,7 @@ import torch
 
 from ..layers import MovingAverageBatchNorm2d
 from ..layers.per_channel import batch_norm_affine, statistics_dtype
-from .monitor import normalization_gap, population_statistics
+from .population import normalization_gap, population_statistics
 from .recalibration import population_norm_layers, recalibrate
 
 __all__ = ["recalibrate_in_inference_regime"]

@@ -31,17 +31,16 @@ import torch
 import torch.nn as nn
 from detectron2.engine.train_loop import HookBase
 
-from ..layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from ..layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from ..layers.cbn import pooled_statistics
 from ..layers.per_channel import statistics_dtype
+from .population import has_population_statistics, normalization_gap
 from .recalibration import population_norm_layers
 
 __all__ = [
     "NormStatsMonitor",
     "NormStatsProbe",
     "model_part",
-    "normalization_gap",
-    "population_statistics",
     "recalibration_shift",
 ]
 
@@ -59,33 +58,6 @@ _PARTS = (
 def model_part(name):
     """``"backbone"``, ``"fpn"``, ``"heads"`` or ``"other"`` for a module path of a detectron2 model."""
     return next((part for prefix, part in _PARTS if name.startswith(prefix)), "other")
-
-
-def normalization_gap(mean_t, var_t, mean_p, var_p, eps):
-    """Per channel, ``√(δ² + (s - 1)²)`` with ``s = √(var_t+eps)/√(var_p+eps)`` and
-    ``δ = (mean_t - mean_p)/√(var_p+eps)``: the RMS difference between normalising a unit-variance
-    signal with (mean_t, var_t) and with (mean_p, var_p). ``mean_t``/``mean_p`` None: no centring."""
-    std_p = torch.sqrt(var_p + eps)
-    scale = torch.sqrt(var_t + eps) / std_p
-    shift = 0.0 if mean_t is None else (mean_t - mean_p) / std_p
-    return torch.sqrt(shift**2 + (scale - 1) ** 2)
-
-
-def _has_population(layer):
-    return not (isinstance(layer, PreciseBatchNorm2d) and not bool(layer.recalibrated))
-
-
-@torch.no_grad()
-def population_statistics(model):
-    """``{module path: (mean or None, variance)}`` of every layer that has population statistics
-    (MABN: no mean, its second moment); PreciseBN layers never recalibrated are left out."""
-    stats = {}
-    for name, layer in population_norm_layers(model):
-        if not _has_population(layer):
-            continue
-        mean = None if isinstance(layer, MovingAverageBatchNorm2d) else layer.running_mean.clone()
-        stats[name] = (mean, layer.running_var.clone(), layer.eps)
-    return stats
 
 
 def recalibration_shift(before, after):
@@ -172,7 +144,7 @@ class NormStatsProbe:
         var, mean = torch.var_mean(xs, dim=_reduce_dims(xs), correction=0)
         if isinstance(layer, CrossIterationBatchNorm2d):
             mean, var = self._cbn_statistics(name, layer, mean, var)
-        if _has_population(layer):
+        if has_population_statistics(layer):
             gap = normalization_gap(mean, var, layer.running_mean.to(mean.dtype),
                                     layer.running_var.to(var.dtype), layer.eps)
             self._record(name, "inconsistency", gap.mean())
