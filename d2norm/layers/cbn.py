@@ -226,7 +226,13 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     host. A training batch whose mean or variance is not finite updates neither the window nor the
     running statistics (``train_iterations`` still counts it); ``nonfinite_skips`` (per process,
     not saved) counts such batches.
+
+    State version (``_version``, torch's convention): 3 stores ``history_var_grad`` flattened to
+    (k-1, C, C_in·kh·kw); version 2 (``nn.BatchNorm2d``'s, which CBN inherited before it had its
+    own) may hold it 5-D and is migrated on load.
     """
+
+    _version = 3
 
     def __init__(self, num_features, window=8, burnin_iters=0, momentum=0.1, eps=1e-5, affine=True):
         if int(window) != window or window < 1:
@@ -438,7 +444,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self._pooling = False
         state_dict.setdefault(prefix + "train_iterations", self.train_iterations)
         var_grad_key = prefix + "history_var_grad"
-        if var_grad_key in state_dict and state_dict[var_grad_key].dim() == 5:  # saved before it was flattened
+        version = local_metadata.get("version")
+        if (version is None or version < 3) and var_grad_key in state_dict and state_dict[var_grad_key].dim() == 5:
             state_dict[var_grad_key] = state_dict[var_grad_key].flatten(2)
         keys = {name: prefix + name for name in _WINDOW_STATE}
         saved_length = state_dict.get(keys["history_length"])

@@ -121,7 +121,13 @@ class MovingAverageBatchNorm2d(nn.Module):
         ema_decay (float): weight of the old value in the EMA of ``running_var`` (paper: 0.98).
         eps (float): added to the second moment inside the square root.
         affine (bool): learnable per-channel ``weight`` (γ, init 1) and ``bias`` (β, init 0).
+
+    State version (``_version``): 2 stores ``running_var`` as (C,) and ``iters`` as a scalar;
+    version 1 (``nn.Module``'s: the official layer's (1, C, 1, 1) and (1,) shapes, and d2norm's
+    before it had its own version) is migrated on load.
     """
+
+    _version = 2
 
     def __init__(self, num_features, buffer_size=16, warmup_iters=100, renorm_free_iters=1000, rmax=5.0,
                  ema_decay=0.98, eps=1e-5, affine=True):
@@ -226,10 +232,13 @@ class MovingAverageBatchNorm2d(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         var_key, mean_key, iters_key = prefix + "running_var", prefix + "running_mean", prefix + "iters"
-        if var_key in state_dict:
-            state_dict[var_key] = state_dict[var_key].reshape(-1)
+        version = local_metadata.get("version")
+        if version is None or version < 2:  # the official layout
+            if var_key in state_dict:
+                state_dict[var_key] = state_dict[var_key].reshape(-1)
+            if iters_key in state_dict:
+                state_dict[iters_key] = state_dict[iters_key].reshape(())
         if iters_key in state_dict:
-            state_dict[iters_key] = state_dict[iters_key].reshape(())
             self._reset_ring_buffers_of_another_size(state_dict, prefix)
         elif mean_key in state_dict and var_key in state_dict:
             running_mean = state_dict.pop(mean_key)
