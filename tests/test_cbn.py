@@ -521,3 +521,42 @@ def test_constructor_validates_and_repr_names_the_window():
         CrossIterationBatchNorm2d(4, burnin_iters=-1)
     assert "window=4, burnin_iters=2" in repr(CrossIterationBatchNorm2d(4, window=4, burnin_iters=2))
     assert isinstance(CrossIterationBatchNorm2d(4), nn.BatchNorm2d)
+
+
+def test_naive_cbn_pools_the_stored_statistics_uncompensated():
+    """rho = 0 (the official ``rho``; the paper's "naive CBN" baseline): after the weights moved,
+    the past statistics enter the window as they were stored; rho = 1 moves them to the new weight."""
+    windows = {}
+    for rho in (0.0, 1.0):
+        conv, norm = make_pair(window=3, seed=0)
+        norm.rho = rho
+        for t in range(3):
+            train_step(conv, norm, randn(2, 3, 5, 5, seed=t), seed=t, lr=0.1)
+        windows[rho] = norm.compensated_window()
+        if rho == 0.0:
+            past_mean, past_var, _ = windows[rho]
+            torch.testing.assert_close(past_mean, norm.history_mean.to(past_mean.dtype))
+            torch.testing.assert_close(past_var, norm.history_var.to(past_var.dtype))
+    assert not torch.allclose(windows[0.0][0], windows[1.0][0])
+    assert "rho=0.0" in repr(CrossIterationBatchNorm2d(4, rho=0.0))
+    with pytest.raises(ValueError, match="rho"):
+        CrossIterationBatchNorm2d(4, rho=-1.0)
+
+
+def test_rho_comes_from_the_config_and_a_bad_value_names_the_key():
+    from detectron2.config import get_cfg
+
+    from d2norm.config import D2NormConfigError, add_d2norm_config, validate_d2norm_config
+    from d2norm.config.defaults import norm_settings_from_config
+    from d2norm.modeling.registry import get_norm, norm_settings
+
+    cfg = get_cfg()
+    add_d2norm_config(cfg)
+    assert cfg.D2NORM.CBN.RHO == 1.0
+    cfg.D2NORM.CBN.RHO = 0.0
+    validate_d2norm_config(cfg)
+    with norm_settings(**norm_settings_from_config(cfg)):
+        assert get_norm("CBN", 8).rho == 0.0
+    cfg.D2NORM.CBN.RHO = -0.5
+    with pytest.raises(D2NormConfigError, match="D2NORM.CBN.RHO"):
+        validate_d2norm_config(cfg)

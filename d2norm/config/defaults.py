@@ -22,6 +22,8 @@ def add_d2norm_config(cfg):
     cfg.D2NORM.CBN.WINDOW = 8
     # Training iterations of plain BN before pooling starts (paper configs: 3 COCO epochs).
     cfg.D2NORM.CBN.BURNIN_ITERS = 0
+    # ρ, weight of the Taylor compensation of past statistics; 0: "naive CBN" (no compensation).
+    cfg.D2NORM.CBN.RHO = 1.0
 
     cfg.D2NORM.MABN = CN()
     # m: iterations in the simple moving averages of the forward and backward statistics.
@@ -80,6 +82,8 @@ def validate_d2norm_config(cfg):
         return isinstance(v, int) and not isinstance(v, bool)
 
     _check(is_int(d.CBN.WINDOW) and d.CBN.WINDOW >= 1, "D2NORM.CBN.WINDOW", d.CBN.WINDOW, "an integer >= 1")
+    _check(isinstance(d.CBN.RHO, (int, float)) and not isinstance(d.CBN.RHO, bool) and d.CBN.RHO >= 0,
+           "D2NORM.CBN.RHO", d.CBN.RHO, "a number >= 0 (1: CBN, 0: naive CBN)")
     for key in ("CBN.BURNIN_ITERS", "MABN.WARMUP_ITERS", "MABN.RENORM_FREE_ITERS",
                 "PRECISE_BN.PERIOD", "FREEZE_NORM_LAST_ITERS"):
         node, value = d, None
@@ -115,7 +119,7 @@ def norm_settings_from_config(cfg):
     """Constructor kwargs per norm family for :func:`d2norm.modeling.registry.norm_settings`."""
     d = cfg.D2NORM
     return {
-        "cbn": {"window": d.CBN.WINDOW, "burnin_iters": d.CBN.BURNIN_ITERS},
+        "cbn": {"window": d.CBN.WINDOW, "burnin_iters": d.CBN.BURNIN_ITERS, "rho": float(d.CBN.RHO)},
         "mabn": {
             "buffer_size": d.MABN.BUFFER_SIZE,
             "warmup_iters": d.MABN.WARMUP_ITERS,

@@ -213,6 +213,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         num_features: C, the channel count.
         window: k, iterations pooled including the current one (the official ``buffer_num`` + 1).
         burnin_iters: training iterations of plain ``nn.BatchNorm2d`` before pooling starts.
+        rho: ρ, the weight of the Taylor compensation of the past statistics (the official ``rho``);
+            1 is CBN, 0 pools the stored statistics as they are ("naive CBN", the paper's baseline).
         momentum, eps, affine: as ``nn.BatchNorm2d``.
 
     A training forward with autograd enabled and an input that requires grad is one *iteration*:
@@ -234,14 +236,17 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
 
     _version = 3
 
-    def __init__(self, num_features, window=8, burnin_iters=0, momentum=0.1, eps=1e-5, affine=True):
+    def __init__(self, num_features, window=8, burnin_iters=0, rho=1.0, momentum=0.1, eps=1e-5, affine=True):
         if int(window) != window or window < 1:
             raise ValueError(f"CBN window must be an integer >= 1, got {window!r}")
         if int(burnin_iters) != burnin_iters or burnin_iters < 0:
             raise ValueError(f"CBN burnin_iters must be an integer >= 0, got {burnin_iters!r}")
+        if not rho >= 0:
+            raise ValueError(f"CBN rho must be a number >= 0, got {rho!r}")
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
         self.window = int(window)
         self.burnin_iters = int(burnin_iters)
+        self.rho = float(rho)
         past = self.window - 1
         self.register_buffer("train_iterations", torch.zeros((), dtype=torch.long))
         # Ring buffer of the past iterations: slots [0, history_length) are filled, the next write
@@ -262,7 +267,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self._pooling = False  # burn-in known to be over (the counter only grows until a state is loaded)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, window={self.window}, burnin_iters={self.burnin_iters}"
+        rho = "" if self.rho == 1.0 else f", rho={self.rho}"
+        return f"{super().extra_repr()}, window={self.window}, burnin_iters={self.burnin_iters}{rho}"
 
     # ------------------------------------------------------------------ conv binding
     def bind_conv(self, conv):
@@ -393,9 +399,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             empty = weight.new_zeros(0, self.num_features)
             return empty, empty, empty.bool()
         mean_shift = _mean_patch_dot_weight(self.history_mean_grad.to(dtype), weight, groups)
-        mean_shift = mean_shift - self.history_mean_grad_dot_weight.to(dtype)
+        mean_shift = self.rho * (mean_shift - self.history_mean_grad_dot_weight.to(dtype))
         var_shift = _weight_grad_dot_weight(self.history_var_grad.to(dtype), weight)
-        var_shift = var_shift - self.history_var_grad_dot_weight.to(dtype)
+        var_shift = self.rho * (var_shift - self.history_var_grad_dot_weight.to(dtype))
         mean = self.history_mean.to(dtype) + mean_shift
         var = self.history_var.to(dtype) + var_shift - mean_shift**2
         filled = torch.arange(self.window - 1, device=mean.device) < self.history_length
