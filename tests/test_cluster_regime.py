@@ -121,3 +121,16 @@ def test_the_pretrained_trunk_loads_into_the_finetune_detector_as_frozen_bn(tmp_
     assert all(isinstance(m.norm, FrozenBatchNorm2d) for m in resnet.modules() if hasattr(m, "norm"))
     assert not any(p.requires_grad for p in [*resnet.stem.parameters(), *resnet.res2.parameters()])
     assert all(p.requires_grad for p in resnet.res3.parameters())
+
+
+def test_the_finetune_matrix_reuses_the_gate_cells_and_adds_the_cbn_papers_baselines():
+    gate = read_study(REPO / "benchmarks" / "cluster_regime" / "finetune.yaml")
+    matrix = read_study(REPO / "benchmarks" / "cluster_regime" / "finetune_matrix.yaml")
+    cells = {(c.variant.name, c.seed): c for c in matrix.cells}
+    for cell in gate.cells:  # same config, overrides and seed: the same output directory
+        same = cells[(cell.variant.name, cell.seed)]
+        assert (same.config, same.variant.overrides, same.workers) == (cell.config, cell.variant.overrides, 8)
+    variants = {c.variant.name: c.variant for c in matrix.cells}
+    assert {"none", "GN", "CBN", "naiveCBN", "BN+PreciseBN"} <= set(variants)
+    assert variants["naiveCBN"].overrides["D2NORM.CBN.RHO"] == 0.0
+    assert variants["none"].overrides["MODEL.FPN.NORM"] == ""
