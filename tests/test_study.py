@@ -211,6 +211,26 @@ def test_report_gives_mean_and_spread_over_seeds_and_writes_plots(study_file, fa
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _gate_records(per_worker, synced):
+    """Records of BN and SyncBN cells with the given box APs (mask AP = box AP), one per seed."""
+    return [{"config": "c.yaml", "variant": variant, "seed": seed, "box_ap": ap, "mask_ap": ap,
+             "images_per_batch": 16, "iterations": 10, "seconds_per_iter": 1.0}
+            for variant, aps in (("BN", per_worker), ("SyncBN", synced)) for seed, ap in enumerate(aps, 1)]
+
+
+@pytest.mark.parametrize("per_worker, synced, verdict", [
+    ([10.0, 10.2, 9.8], [12.0, 12.2, 11.8], "larger: the regime shows the problem (SyncBN ahead)"),
+    ([10.0, 11.0, 9.0], [11.0, 12.0, 10.0], "not larger"),  # gap 1.0, twice the spread 2.0
+    ([12.0, 12.2, 11.8], [10.0, 10.2, 9.8], "not larger"),  # per-worker BN ahead: no problem shown
+    ([10.0], [12.0], "not decided: a spread needs at least 2 seeds of each"),
+])
+def test_the_gate_needs_synced_bn_ahead_by_more_than_twice_the_seed_spread(per_worker, synced, verdict):
+    table = markdown_table(aggregate(_gate_records(per_worker, synced)), {"per_worker": "BN", "synced": "SyncBN"})
+    gap = sum(synced) / len(synced) - sum(per_worker) / len(per_worker)
+    assert f"- c, box AP: gap SyncBN − BN = {gap:+.1f}" in table
+    assert f"; {verdict}." in table
+
+
 def test_cli_takes_trailing_overrides_and_rejects_unknown_flags(capsys):
     args = parse_args(["run", "s.yaml", "--threads", "1", "DATASETS.TRAIN", "('coco_2017_train',)"])
     assert args.threads == 1 and args.opts == ["DATASETS.TRAIN", "('coco_2017_train',)"]

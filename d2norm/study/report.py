@@ -58,7 +58,8 @@ def _values(values):
 
 def gap_fractions(summary, gap):
     """Per config with both ``gap`` variants: ``{config: {"box"/"mask": (gap, twice the larger seed
-    spread, {variant: fraction of the gap})}}``; a fraction is ``(AP - per-worker) / (synced - per-worker)``."""
+    spread, {variant: fraction of the gap}, fewest seeds of the two)}}``; a fraction is
+    ``(AP - per-worker) / (synced - per-worker)``."""
     out = {}
     for config in dict.fromkeys(c for c, _ in summary):
         low, high = summary.get((config, gap["per_worker"])), summary.get((config, gap["synced"]))
@@ -71,7 +72,8 @@ def gap_fractions(summary, gap):
             size = high[f"{task}_mean"] - low[f"{task}_mean"]
             fractions = {v: (s[f"{task}_mean"] - low[f"{task}_mean"]) / size
                          for (c, v), s in summary.items() if c == config and s[f"{task}_mean"] is not None and size}
-            out[config][task] = (size, 2 * max(low[f"{task}_std"], high[f"{task}_std"]), fractions)
+            seeds = min(len(low["seeds"]), len(high["seeds"]))
+            out[config][task] = (size, 2 * max(low[f"{task}_std"], high[f"{task}_std"]), fractions, seeds)
     return out
 
 
@@ -97,8 +99,13 @@ def markdown_table(summary, gap=None):
         lines.append(row)
     for config, tasks in gaps.items():
         lines.append("")
-        for task, (size, twice_spread, _) in tasks.items():
-            verdict = "larger: the regime shows the problem" if abs(size) > twice_spread else "not larger"
+        for task, (size, twice_spread, _, seeds) in tasks.items():
+            if seeds < 2:
+                verdict = "not decided: a spread needs at least 2 seeds of each"
+            elif size > twice_spread:
+                verdict = f"larger: the regime shows the problem ({gap['synced']} ahead)"
+            else:
+                verdict = "not larger"
             lines.append(f"- {config}, {task} AP: gap {gap['synced']} − {gap['per_worker']} = {size:+.1f}; "
                          f"twice the larger seed spread = {twice_spread:.1f}; {verdict}.")
     if gaps:
