@@ -1,8 +1,8 @@
 """d2norm: small-batch normalization layers for Detectron2.
 
 The layers (:mod:`d2norm.layers`) need torch only. ``import d2norm`` also registers, as soon as
-``detectron2.modeling`` is imported (at once if it already is), the norm names ``"CBN"``, ``"MABN"`` and
-``"PreciseBN"`` with every Detectron2 module that builds norms through ``get_norm`` (ResNet, FPN,
+``detectron2.modeling`` is imported (at once if it already is), the norm names ``"CBN"``, ``"MABN"``,
+``"PreciseBN"`` and ``"BRN"`` with every Detectron2 module that builds norms through ``get_norm`` (ResNet, FPN,
 box/mask heads, RetinaNet head, …), so they can be selected from YAML, and, once ``detectron2.data``
 is imported, the built-in datasets (:mod:`d2norm.data`). The detectron2-facing functions below are
 imported on first use.
@@ -10,7 +10,7 @@ imported on first use.
 import importlib
 
 from ._post_import import after_import
-from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from .layers import BatchRenorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 
 # name -> the subpackage that defines it (imported, with detectron2, on first access)
 _LAZY = {
@@ -27,7 +27,7 @@ _LAZY = {
 }
 _SUBPACKAGES = ("config", "data", "engine", "lazy", "modeling", "statistics", "study")
 
-__all__ = ["CrossIterationBatchNorm2d", "MovingAverageBatchNorm2d", "PreciseBatchNorm2d", *_LAZY]
+__all__ = ["BatchRenorm2d", "CrossIterationBatchNorm2d", "MovingAverageBatchNorm2d", "PreciseBatchNorm2d", *_LAZY]
 
 
 def __getattr__(name):

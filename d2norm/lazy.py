@@ -10,9 +10,10 @@ defaults of the YAML ``D2NORM`` node::
 
 and the functions below do what ``tools/train_net.py`` does for YAML:
 
-* :func:`build_model`: instantiate ``cfg.model`` with the ``d2norm`` layer settings, then the
-  same post-build pass as YAML (:func:`d2norm.modeling.finish_model`: per-level RetinaNet/FCOS
-  head statistics, MABN head warm-up, conv binding / weight centralisation);
+* :func:`build_model`: instantiate ``cfg.model`` with the ``d2norm`` layer settings (MABN's head
+  warm-up in ``roi_heads``/``head``), then the same post-build pass as YAML
+  (:func:`d2norm.modeling.finish_model`: per-level RetinaNet/FCOS head statistics, conv binding /
+  weight centralisation);
 * :func:`build_optimizer`: ``cfg.optimizer`` with its ``params.model`` set; use
   :func:`d2norm.engine.solver.get_optimizer_param_groups` as ``params`` so every d2norm layer counts as a
   norm for ``weight_decay_norm``;
@@ -29,13 +30,11 @@ from omegaconf import OmegaConf
 from .config.defaults import (
     D2NormConfigError,
     add_d2norm_config,
-    norm_settings_from_config,
     scale_norm_iterations,
     validate_d2norm_config,
 )
 from .engine.hooks import norm_hooks
-from .modeling.build import finish_model
-from .modeling.registry import norm_settings
+from .modeling.build import configured_lazy_norms, finish_model
 
 __all__ = [
     "build_model",
@@ -118,8 +117,9 @@ def scale_to_world_size(cfg, world_size):
 
 
 def build_model(cfg, example_inputs=None):
-    """``cfg.model`` built with the ``cfg.d2norm`` layer settings on ``cfg.train.device`` (the CPU
-    when CUDA is absent), then :func:`d2norm.modeling.finish_model`.
+    """``cfg.model`` built with the ``cfg.d2norm`` layer settings
+    (:func:`d2norm.modeling.build.configured_lazy_norms`) on ``cfg.train.device`` (the CPU when CUDA
+    is absent), then :func:`d2norm.modeling.finish_model`.
 
     Args:
         cfg: a LazyConfig with ``model``, ``train.device`` and optionally ``d2norm``.
@@ -127,8 +127,7 @@ def build_model(cfg, example_inputs=None):
             detectron2 meta-architecture (see :func:`d2norm.prepare_model`).
     """
     root = d2norm_node(cfg)
-    with norm_settings(**norm_settings_from_config(root)):
-        model = instantiate(cfg.model)
+    model = instantiate(configured_lazy_norms(cfg.model, root.D2NORM))
     device = cfg.train.get("device", "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"

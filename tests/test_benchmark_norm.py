@@ -1,4 +1,4 @@
-"""tools/benchmark_norm.py: report structure, its memory measure, and its official-style CBN baseline."""
+"""tools/benchmark_norm.py and tools/norm_cost: report structure, memory measure, official-style CBN baseline."""
 import json
 import math
 from pathlib import Path
@@ -11,7 +11,8 @@ from tool_scripts import load_tool
 from d2norm.layers import CrossIterationBatchNorm2d
 
 REPO = Path(__file__).resolve().parents[1]
-bench = load_tool("benchmark_norm")
+bench = load_tool("benchmark_norm")  # puts tools/ on sys.path for its package, norm_cost
+from norm_cost import measure, official_cbn, variants  # noqa: E402
 
 BLOCK_NORMS = {"BN", "PreciseBN", "CBN floor", "CBN", "MABN", "official-style CBN"}
 TINY = ["--device", "cpu", "--shapes", "8x6", "--window", "4", "--repeats", "2", "--threads", "1"]
@@ -79,7 +80,7 @@ def test_time_ratio_is_the_median_of_per_round_ratios():
     """Load that changes between rounds slows every variant of that round alike and cancels."""
     slow_then_fast = {"times_s": [2.0, 20.0, 3.0], "peak_bytes": 2, "forward_bytes": 1}
     baseline = {"times_s": [1.0, 10.0, 1.0], "peak_bytes": 1, "forward_bytes": 1}
-    ratios = bench._ratios(slow_then_fast, baseline)
+    ratios = measure.ratios(slow_then_fast, baseline)
     assert ratios == {"time": 2.0, "peak_memory": 2.0, "forward_memory": 1.0}
 
 
@@ -92,7 +93,7 @@ def test_step_memory_counts_new_storages_only():
     def backward(out):
         out.view(10, 100).add_(1)
 
-    held, peak = bench.step_memory(forward, backward, torch.device("cpu"))
+    held, peak = measure.step_memory(forward, backward, torch.device("cpu"))
     assert (held, peak) == (4000, 8000)
 
 
@@ -104,7 +105,7 @@ def test_official_style_baseline_computes_the_same_normalization_as_d2norm_cbn()
     conv_b = nn.Conv2d(3, 5, 3, padding=1, bias=False).double()
     conv_b.load_state_dict(conv_a.state_dict())
     ours = CrossIterationBatchNorm2d(5, window=3).double().bind_conv(conv_a)
-    official = bench.OfficialStyleCrossIterationBN(5, window=3).double()
+    official = official_cbn.OfficialStyleCrossIterationBN(5, window=3).double()
     for _ in range(5):
         x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -133,8 +134,8 @@ def test_detector_report_has_bn_cbn_mabn_with_active_windows(tmp_path):
     assert set(detector["results"]) == {"BN", "PreciseBN", "CBN floor", "CBN", "MABN"}
     for r in detector["results"].values():
         assert _positive(r["time_s"]) and _positive(r["peak_bytes"]) and r["norm_layers"] > 0
-    assert detector["results"]["CBN"]["cbn_layers_pooling"] == detector["results"]["CBN"]["norm_layers"]
-    assert detector["results"]["MABN"]["mabn_layers_past_warmup"] == detector["results"]["MABN"]["norm_layers"]
+    assert detector["results"]["CBN"]["layers_past_warmup"] == detector["results"]["CBN"]["norm_layers"]
+    assert detector["results"]["MABN"]["layers_past_warmup"] == detector["results"]["MABN"]["norm_layers"]
     for ratios in detector["ratios"].values():
         assert all(_positive(v) for v in ratios.values())
     # every variant's heads work on the same RoIs (shared proposals), whatever its untrained RPN proposes
@@ -146,14 +147,14 @@ def test_cbn_floor_adds_one_weight_gradient_to_convs_that_feed_batch_norm_only(m
     nothing else: same outputs and gradients as BN, one extra pass per norm-fed conv per training step."""
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
-    floor = bench.add_cbn_floor(
+    floor = variants.add_cbn_floor(
         nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)),
         (torch.zeros(2, 3, 5, 5),),
     )
     floor.load_state_dict(plain.state_dict())
     calls = []
-    real = bench.conv2d_weight
-    monkeypatch.setattr(bench, "conv2d_weight", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = variants.conv2d_weight
+    monkeypatch.setattr(variants, "conv2d_weight", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     x = torch.randn(2, 3, 5, 5)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = plain(xa), floor(xb)

@@ -65,8 +65,7 @@ def test_every_cbn_in_a_detector_is_bound_to_the_conv_whose_output_it_normalises
 def test_binding_keeps_parameter_names_and_creates_no_module_cycle():
     cfg = tiny_rcnn_cfg("CBN")
     torch.manual_seed(0)
-    with d2norm.modeling.registry.norm_settings(**d2norm.config.defaults.norm_settings_from_config(cfg)):
-        plain = d2_build_model(cfg)
+    plain = d2_build_model(d2norm.configured_norms(cfg))
     names_before = [n for n, _ in plain.named_parameters()]
     keys_before = list(plain.state_dict())
     d2norm.prepare_model(plain)

@@ -173,19 +173,17 @@ def test_burn_in_is_batchnorm2d_then_the_window_grows():
     assert int(norm.train_iterations) == 6
 
 
-def test_after_burn_in_the_schedule_is_not_read_back_and_a_loaded_state_restarts_it(monkeypatch):
-    """On a GPU, reading the iteration counter would synchronise every CBN layer of every step: the
-    counter is consulted until burn-in is over, not after; loading a checkpoint taken during burn-in
-    resumes burn-in (plain BN) from the loaded counter."""
+def test_a_loaded_state_restarts_the_schedule_from_its_counter():
+    """The burn-in schedule runs on a host-side copy of the counter (tests/test_host_sync.py: no
+    device read in a training step); loading a checkpoint taken during burn-in resumes burn-in
+    (plain BN) from the loaded counter."""
     conv, norm = make_pair(window=3, burnin=2)
     early = {k: v.clone() for k, v in norm.state_dict().items()}
-    reads = []
-    consult = CrossIterationBatchNorm2d.pools_window
-    monkeypatch.setattr(CrossIterationBatchNorm2d, "pools_window", lambda self: reads.append(1) or consult(self))
     for t in range(6):
         train_step(conv, norm, randn(2, 3, 5, 5, seed=t), seed=t, lr=0.1)
-    assert len(reads) == 3  # iterations 0 and 1 (burn-in) and 2 (burn-in found over)
+    assert norm.pools_window() and int(norm.train_iterations) == 6
     norm.load_state_dict(early)
+    assert not norm.pools_window()
     train_step(conv, norm, randn(2, 3, 5, 5, seed=9), seed=9, lr=0.1)
     assert int(norm.history_length) == 0 and int(norm.train_iterations) == 1  # back in burn-in
 
@@ -547,16 +545,14 @@ def test_rho_comes_from_the_config_and_a_bad_value_names_the_key():
     from detectron2.config import get_cfg
 
     from d2norm.config import D2NormConfigError, add_d2norm_config, validate_d2norm_config
-    from d2norm.config.defaults import norm_settings_from_config
-    from d2norm.modeling.registry import get_norm, norm_settings
+    from d2norm.modeling.registry import configured_factory
 
     cfg = get_cfg()
     add_d2norm_config(cfg)
     assert cfg.D2NORM.CBN.RHO == 1.0
     cfg.D2NORM.CBN.RHO = 0.0
     validate_d2norm_config(cfg)
-    with norm_settings(**norm_settings_from_config(cfg)):
-        assert get_norm("CBN", 8).rho == 0.0
+    assert configured_factory("CBN", cfg.D2NORM)(8).rho == 0.0
     cfg.D2NORM.CBN.RHO = -0.5
     with pytest.raises(D2NormConfigError, match="D2NORM.CBN.RHO"):
         validate_d2norm_config(cfg)

@@ -85,8 +85,8 @@ def test_mabn_warmup_and_renorm_free_phase_follow_the_schedule_on_fewer_gpus(cfg
     """MABN's schedule (Yan et al. 2020 Sec. 4.3: BN statistics while warming up, then a phase with
     renormalization disabled) is measured in iterations, so it stretches with ``MAX_ITER``; a head
     warm-up of -1 inherits the (already rescaled) trunk warm-up, not a second rescaling."""
-    from d2norm.config.defaults import norm_settings_from_config, scale_norm_iterations
-    from d2norm.modeling.registry import get_norm, norm_settings
+    from d2norm.config.defaults import scale_norm_iterations
+    from d2norm.modeling.registry import configured_factory
 
     cfg.merge_from_list([
         "SOLVER.IMS_PER_BATCH", 16, "SOLVER.REFERENCE_WORLD_SIZE", 8, "SOLVER.MAX_ITER", 1000,
@@ -96,6 +96,6 @@ def test_mabn_warmup_and_renorm_free_phase_follow_the_schedule_on_fewer_gpus(cfg
     scaled = scale_norm_iterations(cfg, 4)
     assert scaled.D2NORM.MABN.WARMUP_ITERS == 200 and scaled.D2NORM.MABN.RENORM_FREE_ITERS == 2000
     assert scaled.D2NORM.CBN.BURNIN_ITERS == 600 and scaled.D2NORM.MABN.HEAD_WARMUP_ITERS == -1
-    with norm_settings(**norm_settings_from_config(scaled)):
-        layer = get_norm("MABN", 8)
+    layer = configured_factory("MABN", scaled.D2NORM)(8)
     assert (layer.warmup_iters, layer.renorm_free_iters) == (200, 2000)
+    assert configured_factory("MABN", scaled.D2NORM, in_head=True)(8).warmup_iters == 200  # rescaled once

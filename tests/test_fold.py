@@ -14,14 +14,15 @@ from d2norm.modeling.build import build_model
 from d2norm.modeling.fold import fold_norms
 
 D2NORM_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d, PerLevelNorm)
+_LAYERS = {"CBN": CrossIterationBatchNorm2d, "MABN": MovingAverageBatchNorm2d, "PreciseBN": PreciseBatchNorm2d}
 
 
 def trained_block(norm_name, steps=6):
     """detectron2 Conv2d(norm=...) + prepare_model, trained a few SGD steps so statistics are non-trivial."""
     torch.manual_seed(0)
-    with d2norm.modeling.registry.norm_settings(cbn={"window": 3}, mabn={"buffer_size": 2, "warmup_iters": 2,
-                                                                "renorm_free_iters": 3}):
-        block = nn.Sequential(Conv2d(3, 8, 3, padding=1, bias=False, norm=d2norm.get_norm(norm_name, 8)))
+    settings = {"CBN": {"window": 3}, "MABN": {"buffer_size": 2, "warmup_iters": 2, "renorm_free_iters": 3}}
+    norm = _LAYERS[norm_name](8, **settings.get(norm_name, {}))
+    block = nn.Sequential(Conv2d(3, 8, 3, padding=1, bias=False, norm=norm))
     d2norm.prepare_model(block, example_inputs=torch.zeros(2, 3, 6, 6))
     opt = torch.optim.SGD(block.parameters(), lr=0.05)
     batches = [torch.randn(2, 3, 6, 6) * 2 + 1 for _ in range(steps)]

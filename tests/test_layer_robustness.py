@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 import d2norm
-from d2norm import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from d2norm import BatchRenorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 
 # name -> layer settings; short schedules so a few steps cross every phase boundary
 LAYERS = {
@@ -16,8 +16,9 @@ LAYERS = {
     "CBN": lambda c: CrossIterationBatchNorm2d(c, window=3),
     "MABN": lambda c: MovingAverageBatchNorm2d(c, buffer_size=2, warmup_iters=2, renorm_free_iters=3, rmax=1.5),
     "PreciseBN": lambda c: PreciseBatchNorm2d(c),
+    "BRN": lambda c: BatchRenorm2d(c, rmax=1.5, dmax=0.5, warmup_iters=1, rmax_iters=3, dmax_iters=3),
 }
-STATEFUL = ["CBN-burnin", "CBN", "MABN"]
+STATEFUL = ["CBN-burnin", "CBN", "MABN", "BRN"]
 
 
 def block(name, seed=0):
@@ -82,7 +83,7 @@ def test_a_non_finite_batch_changes_no_state_and_training_continues_as_without_i
     assert torch.isfinite(model(batch(0))).all()
 
 
-@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN"])
+@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN", "BRN"])
 def test_population_statistics_ignore_a_non_finite_recalibration_batch(name, caplog):
     model = block(name)
     batches = [batch(step) for step in range(3)]
@@ -101,7 +102,7 @@ def test_population_statistics_ignore_a_non_finite_recalibration_batch(name, cap
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN"])
+@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN", "BRN"])
 def test_half_models_keep_float32_statistics(name, dtype):
     norm = block(name).to(dtype)[1]
     assert norm.weight.dtype == dtype
@@ -109,7 +110,7 @@ def test_half_models_keep_float32_statistics(name, dtype):
     assert floating and all(b.dtype == torch.float32 for b in floating)
 
 
-@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN"])
+@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN", "BRN"])
 def test_bfloat16_models_train_with_activations_beyond_float16_range(name):
     model = block(name).to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -142,7 +143,7 @@ def test_cbn_window_stays_valid_in_a_bfloat16_model_with_large_activations():
     assert torch.isfinite(norm.history_var).all() and norm.history_var.dtype == torch.float32
 
 
-@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN"])
+@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN", "BRN"])
 def test_channels_last_models_train_like_contiguous_ones(name):
     model, twin = block(name), block(name).to(memory_format=torch.channels_last)
     opt, twin_opt = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, twin))
@@ -187,7 +188,7 @@ def compiled_matches_eager(name, backend, steps=7):
         torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN"])
+@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN", "BRN"])
 def test_compiled_gradients_equal_eager_ones_across_mabn_boundaries(name):
     """``aot_eager_decomp_partition`` traces and partitions forward/backward as inductor does
     (min-cut recomputation), without generating code: the fast check."""
@@ -195,13 +196,13 @@ def test_compiled_gradients_equal_eager_ones_across_mabn_boundaries(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN"])
+@pytest.mark.parametrize("name", ["CBN", "MABN", "PreciseBN", "BRN"])
 def test_inductor_gradients_equal_eager_ones_across_mabn_boundaries(name):
     compiled_matches_eager(name, "inductor")
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("name", ["CBN", "MABN"])
+@pytest.mark.parametrize("name", ["CBN", "MABN", "BRN"])
 def test_activation_checkpointing_around_a_stateful_layer_is_refused(name, use_reentrant):
     model = block(name)
     x = batch(0).requires_grad_()

@@ -182,7 +182,9 @@ def test_lazyconfig_twin_is_the_yaml_experiment(name):
 
     yaml_optimizer, lazy_optimizer = build_optimizer(cfg, yaml_model), lazy.build_optimizer(lazy_cfg, lazy_model)
     assert _groups_by_name(lazy_model, lazy_optimizer) == _groups_by_name(yaml_model, yaml_optimizer)
-    assert type(lazy_optimizer).__name__ == type(yaml_optimizer).__name__  # whole-model clipping or not
+    assert type(lazy_optimizer).__name__ == type(yaml_optimizer).__name__  # detectron2's per-parameter clipping
+    # whole-model clipping (a step pre-hook) or not
+    assert len(lazy_optimizer._optimizer_step_pre_hooks) == len(yaml_optimizer._optimizer_step_pre_hooks)
 
     solver, train = cfg.SOLVER, lazy_cfg.train
     assert (train.max_iter, train.reference_world_size, train.init_checkpoint) == (

@@ -17,15 +17,14 @@ def test_build_model_and_a_custom_builder_inside_configured_norms_both_apply_d2n
     cfg = tiny_rcnn_cfg("CBN")
     cfg.D2NORM.CBN.WINDOW = 3
     assert _cbn_windows(d2norm.build_model(cfg)) == {3}
-    with d2norm.configured_norms(cfg):
-        custom = d2_build_model(cfg)
+    custom = d2_build_model(d2norm.configured_norms(cfg))
     d2norm.prepare_model(custom)
     assert _cbn_windows(custom) == {3}
     # and the checkpoint of one loads into the other tensor for tensor (window-sized buffers match)
     custom.load_state_dict(d2norm.build_model(cfg).state_dict())
 
 
-def test_outside_configured_norms_the_layers_get_the_papers_defaults():
+def test_a_model_built_from_the_unbound_config_gets_the_papers_defaults():
     cfg = tiny_rcnn_cfg("CBN")
     cfg.D2NORM.CBN.WINDOW = 3
     assert _cbn_windows(d2_build_model(cfg)) == {8}

@@ -19,7 +19,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser
 from detectron2.layers import FrozenBatchNorm2d
 from tool_scripts import load_tool
 
-from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from d2norm.layers import BatchRenorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.layers.weight_centralization import is_weight_centralized
 from d2norm.modeling.binding import conv_norm_pairs
 from d2norm.modeling.build import build_model
@@ -105,6 +105,7 @@ PAPER_CONFIGS = [
                 _rcnn_norms(norm, norm, norm))
         for init, variant, norm, weights in (
             ("scratch", "bn", "BN", ""),
+            ("scratch", "brn", "BRN", ""),
             ("scratch", "syncbn", "SyncBN", ""),
             ("scratch", "mabn", "MABN", ""),
             ("finetune", "syncbn", "SyncBN", MSRA_R50),
@@ -132,6 +133,7 @@ NORM_CLASSES = {
     "CBN": CrossIterationBatchNorm2d,
     "MABN": MovingAverageBatchNorm2d,
     "PreciseBN": PreciseBatchNorm2d,
+    "BRN": BatchRenorm2d,
 }
 # Every normalization layer type (BatchNorm/SyncBN/CBN/PreciseBN/InstanceNorm derive from _NormBase).
 _NORM_BASES = (
@@ -327,12 +329,15 @@ def shrink_opts(num_classes):
         # MABN uses its moving averages and the clipped renorm factor from iteration 2.
         "D2NORM.CBN.BURNIN_ITERS", "1", "D2NORM.MABN.BUFFER_SIZE", "1", "D2NORM.MABN.WARMUP_ITERS", "0",
         "D2NORM.MABN.RENORM_FREE_ITERS", "0", "D2NORM.MABN.HEAD_WARMUP_ITERS", "0",
+        # BRN renormalises with its final clip bounds from iteration 1.
+        "D2NORM.BRN.WARMUP_ITERS", "0", "D2NORM.BRN.RMAX_ITERS", "1", "D2NORM.BRN.DMAX_ITERS", "1",
     ]
 
 
 FAMILY_RUNS = [
     "CBN/mask_rcnn_R_50_FPN_1x_cbn.yaml",
     "MABN/mask_rcnn_R_50_FPN_2x_scratch_mabn.yaml",
+    "MABN/mask_rcnn_R_50_FPN_2x_scratch_brn.yaml",
     "MABN/retinanet_R_50_FPN_2x_scratch_mabn.yaml",
     "RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_precise.yaml",
     "RethinkingBN/retinanet_R_50_FPN_3x_SyncBNhead.yaml",

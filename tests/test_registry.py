@@ -61,9 +61,16 @@ def test_install_is_idempotent_and_keeps_the_original_reachable():
     assert isinstance(d2norm.get_norm.__wrapped__("BN", 4), nn.BatchNorm2d)
 
 
-def test_layer_settings_come_from_norm_settings_context():
-    with d2norm.modeling.registry.norm_settings(cbn={"window": 3, "burnin_iters": 7}):
-        inside = d2norm.get_norm("CBN", 4)
-    outside = d2norm.get_norm("CBN", 4)
-    assert (inside.window, inside.burnin_iters) == (3, 7)
-    assert (outside.window, outside.burnin_iters) == (8, 0)
+def test_settings_reach_the_layers_as_constructor_arguments_and_a_name_alone_gets_the_defaults():
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    d2norm.add_d2norm_config(cfg)
+    cfg.D2NORM.CBN.WINDOW, cfg.D2NORM.CBN.BURNIN_ITERS = 3, 7
+    factory = d2norm.modeling.registry.configured_factory("CBN", cfg.D2NORM)
+    assert factory.keywords == {"window": 3, "burnin_iters": 7, "rho": 1.0}  # visible, no global state
+    layer = factory(4)
+    assert (layer.window, layer.burnin_iters) == (3, 7)
+    default = d2norm.get_norm("CBN", 4)
+    assert (default.window, default.burnin_iters) == (8, 0)
+    assert d2norm.modeling.registry.configured_factory("PreciseBN", cfg.D2NORM) is None  # takes no settings

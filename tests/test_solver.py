@@ -1,4 +1,5 @@
 """Optimizer groups: every d2norm layer counts as a norm for SOLVER.WEIGHT_DECAY_NORM."""
+import pytest
 import torch.nn as nn
 from detectron2.config import get_cfg
 from detectron2.layers import Conv2d
@@ -56,9 +57,13 @@ def test_build_optimizer_skips_frozen_parameters_and_applies_clipping():
     assert "Clip" in type(opt).__name__
 
 
-def test_full_model_clipping_bounds_the_norm_of_all_gradients_together():
-    """CLIP_TYPE "full_model" (mmdetection's grad_clip, official CBN configs): one joint norm, not per parameter."""
+@pytest.mark.parametrize("config", ["yaml", "lazy"])
+def test_full_model_clipping_bounds_the_norm_of_all_gradients_together(config):
+    """CLIP_TYPE "full_model" (mmdetection's grad_clip, official CBN configs): one joint norm, not per
+    parameter; for LazyConfig, ``clip_full_model_gradients`` around a plain SGD (its class unchanged)."""
     import torch
+
+    from d2norm.engine.solver import clip_full_model_gradients
 
     cfg = get_cfg()
     cfg.merge_from_list(["SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
@@ -66,7 +71,11 @@ def test_full_model_clipping_bounds_the_norm_of_all_gradients_together():
                          "SOLVER.WEIGHT_DECAY", "0.0"])
     model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 1, bias=False))
     before = [p.detach().clone() for p in model.parameters()]
-    opt = build_optimizer(cfg, model)
+    if config == "yaml":
+        opt = build_optimizer(cfg, model)
+    else:
+        opt = clip_full_model_gradients(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=1.0)
+        assert type(opt) is torch.optim.SGD
     grads = [torch.full_like(p, 3.0) for p in model.parameters()]  # joint norm sqrt(12 * 9) > 1
     for p, g in zip(model.parameters(), grads):
         p.grad = g.clone()

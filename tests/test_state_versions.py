@@ -82,3 +82,31 @@ def test_mabn_version_1_checkpoints_and_the_official_layout_load():
     bad["running_var"] = saved["running_var"].view(1, 4, 1, 1)  # not a version-2 layout
     with pytest.raises(RuntimeError, match="running_var"):
         MovingAverageBatchNorm2d(4, buffer_size=2, warmup_iters=1).load_state_dict(bad)
+
+
+def test_a_checkpoint_written_by_an_earlier_version_continues_exactly():
+    """``tests/reference/checkpoint_b7c75ad.pt`` was written by d2norm at commit b7c75ad (command in
+    ``tests/reference/write_checkpoint.py``): a model with CBN, MABN after a weight-centralised conv
+    and a recalibrated PreciseBN. Loaded today, it evaluates and takes its next training step as the
+    writing version did."""
+    import sys
+    from pathlib import Path
+
+    reference = Path(__file__).parent / "reference"
+    sys.path.insert(0, str(reference))
+    try:
+        from write_checkpoint import batch, build, train_step
+    finally:
+        sys.path.remove(str(reference))
+    saved = torch.load(reference / "checkpoint_b7c75ad.pt", weights_only=True)
+    model = build()
+    model.load_state_dict(saved["model"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer.load_state_dict(saved["optimizer"])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch(200)), saved["eval_output"], rtol=0, atol=1e-12)
+    model.train()
+    torch.testing.assert_close(train_step(model, optimizer, 6), saved["next_output"], rtol=0, atol=1e-12)
+    for key, value in saved["next_state"].items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-12, msg=key)

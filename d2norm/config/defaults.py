@@ -40,6 +40,15 @@ def add_d2norm_config(cfg):
     # Centralise (zero-mean per output channel) the weight of every conv that feeds an MABN.
     cfg.D2NORM.MABN.CENTRALIZE_WEIGHTS = True
 
+    cfg.D2NORM.BRN = CN()
+    # Batch Renormalization (Ioffe 2017): final clip bounds of r and d ...
+    cfg.D2NORM.BRN.RMAX = 3.0
+    cfg.D2NORM.BRN.DMAX = 5.0
+    # ... plain BN for WARMUP_ITERS iterations, then linear ramps reaching RMAX / DMAX at these iterations.
+    cfg.D2NORM.BRN.WARMUP_ITERS = 5000
+    cfg.D2NORM.BRN.RMAX_ITERS = 40000
+    cfg.D2NORM.BRN.DMAX_ITERS = 25000
+
     cfg.D2NORM.PRECISE_BN = CN()
     # Recalibrate population statistics before each evaluation and at the end of training.
     cfg.D2NORM.PRECISE_BN.ENABLED = True
@@ -84,7 +93,8 @@ def validate_d2norm_config(cfg):
     _check(is_int(d.CBN.WINDOW) and d.CBN.WINDOW >= 1, "D2NORM.CBN.WINDOW", d.CBN.WINDOW, "an integer >= 1")
     _check(isinstance(d.CBN.RHO, (int, float)) and not isinstance(d.CBN.RHO, bool) and d.CBN.RHO >= 0,
            "D2NORM.CBN.RHO", d.CBN.RHO, "a number >= 0 (1: CBN, 0: naive CBN)")
-    for key in ("CBN.BURNIN_ITERS", "MABN.WARMUP_ITERS", "MABN.RENORM_FREE_ITERS",
+    for key in ("CBN.BURNIN_ITERS", "MABN.WARMUP_ITERS", "MABN.RENORM_FREE_ITERS", "BRN.WARMUP_ITERS",
+                "BRN.RMAX_ITERS", "BRN.DMAX_ITERS",
                 "PRECISE_BN.PERIOD", "FREEZE_NORM_LAST_ITERS"):
         node, value = d, None
         for part in key.split("."):
@@ -98,6 +108,8 @@ def validate_d2norm_config(cfg):
            "D2NORM.MABN.RMAX", d.MABN.RMAX, "a number >= 1")
     _check(isinstance(d.MABN.EMA_DECAY, (int, float)) and 0.0 <= d.MABN.EMA_DECAY < 1.0,
            "D2NORM.MABN.EMA_DECAY", d.MABN.EMA_DECAY, "a number in [0, 1)")
+    _check(isinstance(d.BRN.RMAX, (int, float)) and d.BRN.RMAX >= 1.0, "D2NORM.BRN.RMAX", d.BRN.RMAX, "a number >= 1")
+    _check(isinstance(d.BRN.DMAX, (int, float)) and d.BRN.DMAX >= 0.0, "D2NORM.BRN.DMAX", d.BRN.DMAX, "a number >= 0")
     _check(is_int(d.PRECISE_BN.NUM_ITER) and d.PRECISE_BN.NUM_ITER >= 1,
            "D2NORM.PRECISE_BN.NUM_ITER", d.PRECISE_BN.NUM_ITER, "an integer >= 1")
     _check(d.PRECISE_BN.REGIME in RECALIBRATION_REGIMES, "D2NORM.PRECISE_BN.REGIME", d.PRECISE_BN.REGIME,
@@ -115,19 +127,32 @@ def validate_d2norm_config(cfg):
         _check(isinstance(value, bool), f"D2NORM.{key}", value, "true or false")
 
 
-def norm_settings_from_config(cfg):
-    """Constructor kwargs per norm family for :func:`d2norm.modeling.registry.norm_settings`."""
-    d = cfg.D2NORM
+def cbn_settings(d2norm_cfg, in_head=False):
+    """``CrossIterationBatchNorm2d`` keyword arguments from the ``D2NORM`` node (the same in the heads)."""
+    d = d2norm_cfg.CBN
+    return {"window": d.WINDOW, "burnin_iters": d.BURNIN_ITERS, "rho": float(d.RHO)}
+
+
+def mabn_settings(d2norm_cfg, in_head=False):
+    """``MovingAverageBatchNorm2d`` keyword arguments from the ``D2NORM`` node; in a detection head
+    the warm-up is ``HEAD_WARMUP_ITERS`` unless that is -1 (MABN §5: batch statistics in the heads
+    for the first 10k iterations)."""
+    d = d2norm_cfg.MABN
+    warmup = d.HEAD_WARMUP_ITERS if in_head and d.HEAD_WARMUP_ITERS >= 0 else d.WARMUP_ITERS
     return {
-        "cbn": {"window": d.CBN.WINDOW, "burnin_iters": d.CBN.BURNIN_ITERS, "rho": float(d.CBN.RHO)},
-        "mabn": {
-            "buffer_size": d.MABN.BUFFER_SIZE,
-            "warmup_iters": d.MABN.WARMUP_ITERS,
-            "renorm_free_iters": d.MABN.RENORM_FREE_ITERS,
-            "rmax": float(d.MABN.RMAX),
-            "ema_decay": float(d.MABN.EMA_DECAY),
-        },
+        "buffer_size": d.BUFFER_SIZE,
+        "warmup_iters": warmup,
+        "renorm_free_iters": d.RENORM_FREE_ITERS,
+        "rmax": float(d.RMAX),
+        "ema_decay": float(d.EMA_DECAY),
     }
+
+
+def brn_settings(d2norm_cfg, in_head=False):
+    """``BatchRenorm2d`` keyword arguments from the ``D2NORM`` node (the same in the heads)."""
+    d = d2norm_cfg.BRN
+    return {"rmax": float(d.RMAX), "dmax": float(d.DMAX), "warmup_iters": d.WARMUP_ITERS,
+            "rmax_iters": d.RMAX_ITERS, "dmax_iters": d.DMAX_ITERS}
 
 
 def scale_norm_iterations(cfg, num_workers):
@@ -149,6 +174,8 @@ def scale_norm_iterations(cfg, num_workers):
     d.CBN.BURNIN_ITERS = int(round(d.CBN.BURNIN_ITERS / scale))
     d.MABN.WARMUP_ITERS = int(round(d.MABN.WARMUP_ITERS / scale))
     d.MABN.RENORM_FREE_ITERS = int(round(d.MABN.RENORM_FREE_ITERS / scale))
+    for key in ("WARMUP_ITERS", "RMAX_ITERS", "DMAX_ITERS"):
+        d.BRN[key] = int(round(d.BRN[key] / scale))
     if d.MABN.HEAD_WARMUP_ITERS > 0:  # -1 inherits WARMUP_ITERS, rescaled above
         d.MABN.HEAD_WARMUP_ITERS = int(round(d.MABN.HEAD_WARMUP_ITERS / scale))
     d.FREEZE_NORM_LAST_ITERS = int(round(d.FREEZE_NORM_LAST_ITERS / scale))

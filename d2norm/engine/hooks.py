@@ -20,7 +20,7 @@ from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config.defaults import RECALIBRATION_REGIMES
-from ..layers import PreciseBatchNorm2d
+from ..layers import norm_layer
 from ..statistics.inference_regime import recalibrate_in_inference_regime
 from ..statistics.monitor import NormStatsMonitor, recalibration_shift
 from ..statistics.population import population_statistics
@@ -157,7 +157,7 @@ def norm_hooks(d2norm_cfg, eval_period, model, make_loader):
     """
     precise, freeze_iters, monitor = d2norm_cfg.PRECISE_BN, d2norm_cfg.FREEZE_NORM_LAST_ITERS, d2norm_cfg.MONITOR
     layers = population_norm_layers(_unwrap(model))
-    if not precise.ENABLED and any(isinstance(layer, PreciseBatchNorm2d) for _, layer in layers):
+    if not precise.ENABLED and any(norm_layer(layer).needs_recalibration for _, layer in layers):
         logger.warning("D2NORM.PRECISE_BN.ENABLED is False but the model has PreciseBN layers: "
                        "they cannot be evaluated until d2norm.recalibrate is run.")
     hooks = [NormStatsMonitor(model, monitor.PERIOD)] if monitor.ENABLED and layers else []

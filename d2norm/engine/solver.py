@@ -4,12 +4,12 @@ Detectron2 applies ``SOLVER.WEIGHT_DECAY_NORM`` only to parameters owned by a fi
 norm types (``detectron2/solver/build.py``, ``get_default_optimizer_params``). CBN and PreciseBN
 subclass ``nn.BatchNorm2d`` and are covered; MABN and the per-level wrapper (shared affine) are not,
 so they would silently get the full weight decay. This module builds the same parameter groups with
-d2norm types included.
+every :class:`d2norm.layers.NormLayer` and the per-level wrapper included.
 """
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-from ..layers.mabn import MovingAverageBatchNorm2d
+from ..layers import NormLayer
 from ..layers.per_level import PerLevelNorm
 
 __all__ = ["NORM_MODULE_TYPES", "build_optimizer", "clip_full_model_gradients", "get_optimizer_param_groups"]
@@ -25,7 +25,7 @@ NORM_MODULE_TYPES = (
     torch.nn.InstanceNorm3d,
     torch.nn.LayerNorm,
     torch.nn.LocalResponseNorm,
-    MovingAverageBatchNorm2d,
+    NormLayer,
     PerLevelNorm,
 )
 
@@ -62,23 +62,16 @@ def get_optimizer_param_groups(model, base_lr=None, weight_decay=None, weight_de
     return groups
 
 
-def _with_full_model_clipping(optimizer_cls, max_norm, norm_type):
-    """``optimizer_cls`` whose ``step`` first clips the norm of all gradients together."""
-
-    class FullModelGradientClippingOptimizer(optimizer_cls):
-        def step(self, closure=None):
-            params = [p for group in self.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-            return super().step(closure)
-
-    return FullModelGradientClippingOptimizer
-
-
 def clip_full_model_gradients(optimizer, max_norm, norm_type=2.0):
-    """Make ``optimizer`` clip the norm of all its gradients together before each step (in place;
-    returns it): ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` for LazyConfig, as
+    """Make ``optimizer`` clip the norm of all its gradients together before each step (a step
+    pre-hook; returns it): ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` for LazyConfig, as
     ``LazyCall(clip_full_model_gradients)(optimizer=LazyCall(torch.optim.SGD)(...), max_norm=35.0)``."""
-    optimizer.__class__ = _with_full_model_clipping(type(optimizer), max_norm, norm_type)
+
+    def clip(opt, args, kwargs):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+
+    optimizer.register_step_pre_hook(clip)
     return optimizer
 
 
@@ -98,8 +91,7 @@ def build_optimizer(cfg, model):
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
     )
     clip = cfg.SOLVER.CLIP_GRADIENTS
-    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
-        sgd = _with_full_model_clipping(torch.optim.SGD, clip.CLIP_VALUE, clip.NORM_TYPE)
-    else:
-        sgd = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
-    return sgd(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)
+    full_model = clip.ENABLED and clip.CLIP_TYPE == "full_model"
+    sgd = torch.optim.SGD if full_model else maybe_add_gradient_clipping(cfg, torch.optim.SGD)
+    optimizer = sgd(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)
+    return clip_full_model_gradients(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE) if full_model else optimizer

@@ -1,9 +1,12 @@
-"""The d2norm normalization layers. Each folds to a per-channel affine in eval mode."""
+"""The d2norm normalization layers (pure torch). Each implements :class:`NormLayer` and folds to a
+per-channel affine in eval mode."""
+from .batch_renorm import BatchRenorm2d
 from .cbn import CrossIterationBatchNorm2d
+from .interface import NormLayer, TrainingStatistics, norm_layer
 from .mabn import MovingAverageBatchNorm2d
 from .precise_bn import PreciseBatchNorm2d
 
-__all__ = ["CrossIterationBatchNorm2d", "MovingAverageBatchNorm2d", "PreciseBatchNorm2d", "D2NORM_LAYER_TYPES"]
-
-# The layers the registered names build ("CBN", "MABN", "PreciseBN").
-D2NORM_LAYER_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d)
+__all__ = [
+    "BatchRenorm2d", "CrossIterationBatchNorm2d", "MovingAverageBatchNorm2d", "NormLayer", "PreciseBatchNorm2d",
+    "TrainingStatistics", "norm_layer",
+]

@@ -27,6 +27,7 @@ statistics as they were (counted in ``nonfinite_skips``); statistics buffers sta
 ``model.to(memory_format=torch.channels_last)`` works.
 """
 import weakref
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -34,10 +35,11 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
 from .._compat import batch_norm_backward_reductions
+from .interface import BatchNormStatistics, TrainingStatistics
 from .per_channel import (
     REDUCE_DIMS,
     all_finite,
-    batch_norm_affine,
+    batch_norm_keeping_finite_statistics,
     keep_float32_buffers,
     per_channel,
     statistics_dtype,
@@ -206,7 +208,7 @@ def cross_iteration_batch_norm(x, weight, bias, mean, var, past_mean, past_var, 
     )
 
 
-class CrossIterationBatchNorm2d(nn.BatchNorm2d):
+class CrossIterationBatchNorm2d(BatchNormStatistics, nn.BatchNorm2d):
     """Cross-Iteration BatchNorm over the conv that feeds it (Yao et al., CVPR 2021; Howal/Cross-iterationBatchNorm).
 
     Args:
@@ -224,8 +226,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     leaves the window and the counter untouched. The window needs the conv that feeds the layer:
     :meth:`bind_conv` (called by ``d2norm.prepare_model``).
 
-    The schedule runs on the device: after burn-in, a training forward reads nothing back to the
-    host. A training batch whose mean or variance is not finite updates neither the window nor the
+    No training forward reads a device tensor back to the host: burn-in is decided by a Python
+    mirror of ``train_iterations`` (set when a state is loaded), and everything else runs on the
+    device. A training batch whose mean or variance is not finite updates neither the window nor the
     running statistics (``train_iterations`` still counts it); ``nonfinite_skips`` (per process,
     not saved) counts such batches.
 
@@ -235,6 +238,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
     """
 
     _version = 3
+    kind = "CBN"
+    conv_binding = "bind"
 
     def __init__(self, num_features, window=8, burnin_iters=0, rho=1.0, momentum=0.1, eps=1e-5, affine=True):
         if int(window) != window or window < 1:
@@ -264,7 +269,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         self._conv_ref = None  # weakref to the bound conv (never a submodule: that is a module cycle)
         self._conv_hook = None
         self._conv_call = None  # (conv, conv input) of the current forward, set by the conv's pre-hook
-        self._pooling = False  # burn-in known to be over (the counter only grows until a state is loaded)
+        # ``train_iterations`` mirrored on the host: the schedule never reads a device tensor.
+        self._iterations = 0
 
     def extra_repr(self):
         rho = "" if self.rho == 1.0 else f", rho={self.rho}"
@@ -318,9 +324,8 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0:
             return self._batch_norm(x)
         refuse_recomputation(self)
-        if not self._pooling:  # reads the counter on the host until burn-in ends, never after
-            self._pooling = self.pools_window()
-        pools = self._pooling
+        pools = self.pools_window()
+        self._iterations += 1
         self.train_iterations.add_(1)
         if not pools:
             return self._batch_norm(x)
@@ -341,21 +346,11 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
         weight, bias = (None if p is None else p.to(self.running_mean.dtype) for p in (self.weight, self.bias))
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
-        # F.batch_norm updates copies (its backward keeps them), adopted if finite.
-        running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, self.eps)
-        finite = all_finite(running_mean, running_var)
-        for buf, updated in ((self.running_mean, running_mean), (self.running_var, running_var)):
-            buf.copy_(torch.where(finite, updated, buf))
-        self.num_batches_tracked.sub_((~finite).long())
-        self.nonfinite_skips.add_((~finite).long())
-        return y
+        return batch_norm_keeping_finite_statistics(self, x, weight, bias)
 
     def pools_window(self):
         """Whether the next training iteration pools the window (burn-in over and ``window > 1``)."""
-        return self.window > 1 and int(self.train_iterations) >= self.burnin_iters
+        return self.window > 1 and self._iterations >= self.burnin_iters
 
     @torch.no_grad()
     def compensated_window(self):
@@ -375,7 +370,9 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
                 f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
             )
         dtype = statistics_dtype(x)
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        device = x.device.type  # "meta" has no autocast
+        no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else None
+        with torch.no_grad(), no_autocast or nullcontext():
             xs = x.detach().to(dtype)
             # Two passes (mean, then the centred second moment): exact like torch.var_mean and,
             # over (N, H, W) of an NCHW tensor on CPU, several times faster than its one-pass kernel.
@@ -437,18 +434,52 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
             updated = buf.mul(1 - factor).add_(value.to(buf.dtype), alpha=factor)
             buf.copy_(torch.where(finite, updated, buf))
 
-    # ------------------------------------------------------------------ inference and state
-    def per_channel_affine(self):
-        """``(scale, shift)`` with eval output ``scale[c] * x + shift[c]``, i.e.
-        ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``."""
-        return batch_norm_affine(self)
+    # ------------------------------------------------------------------ NormLayer interface
+    def trains_statistics(self, x):
+        return self.training and torch.is_grad_enabled() and x.requires_grad and x.numel() > 0
 
+    @torch.no_grad()
+    def training_statistics(self, x):
+        """The batch's statistics in burn-in, else those pooled with the compensated window
+        (Eq. 8-9), with the window's metrics: whether it pools (``cbn_pooling``), the fraction of
+        stored entries pooled (``cbn_valid_fraction``) and the size of the Taylor step relative to
+        the statistic (``cbn_mean_compensation`` |Δμ|/σ_old, ``cbn_var_compensation`` |Δσ²|/σ²_old)."""
+        batch = super().training_statistics(x)
+        pools = self.pools_window()
+        metrics = {"cbn_pooling": float(pools)}
+        window = self.compensated_window() if pools else None
+        if window is None:
+            return TrainingStatistics(batch.mean, batch.var, metrics)
+        past_mean, past_var, past_valid = window
+        filled = int(self.history_length)
+        if filled > 0:
+            stored_mean = self.history_mean[:filled].to(batch.mean.dtype)
+            stored_var = self.history_var[:filled].to(batch.var.dtype)
+            std = torch.sqrt(stored_var + self.eps)
+            metrics["cbn_valid_fraction"] = past_valid[:filled].float().mean()
+            metrics["cbn_mean_compensation"] = ((past_mean[:filled] - stored_mean).abs() / std).mean()
+            metrics["cbn_var_compensation"] = ((past_var[:filled] - stored_var).abs() / (stored_var + self.eps)).mean()
+        mean, var, _ = pooled_statistics(batch.mean, batch.var, past_mean, past_var, past_valid)
+        return TrainingStatistics(mean, var, metrics)
+
+    def cross_iteration_buffers(self):
+        return {name: getattr(self, name) for name in _WINDOW_STATE}
+
+    def in_warmup(self):
+        return not (self.pools_window() and int(self.history_length) > 0)
+
+    @torch.no_grad()
+    def skip_warmup(self):
+        self._iterations = max(self._iterations, self.burnin_iters)
+        self.train_iterations.fill_(self._iterations)
+
+    # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """A checkpoint without window state (``nn.BatchNorm2d``) or with an empty window loads with
         an empty window whatever the conv; an unbound layer takes the checkpoint's derivative-buffer
         shapes."""
-        self._pooling = False
         state_dict.setdefault(prefix + "train_iterations", self.train_iterations)
+        self._iterations = int(state_dict[prefix + "train_iterations"])  # a checkpoint's tensor, on the CPU
         var_grad_key = prefix + "history_var_grad"
         version = local_metadata.get("version")
         if (version is None or version < 3) and var_grad_key in state_dict and state_dict[var_grad_key].dim() == 5:
@@ -481,6 +512,7 @@ class CrossIterationBatchNorm2d(nn.BatchNorm2d):
 
     def __setstate__(self, state):
         conv = state.pop("_conv_ref", None)
-        state.setdefault("_pooling", False)
+        state.pop("_pooling", None)  # pickled before the host counter
+        state.setdefault("_iterations", int(state["_buffers"]["train_iterations"]))
         super().__setstate__(state)
         self._conv_ref = None if conv is None else weakref.ref(conv)

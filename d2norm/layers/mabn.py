@@ -9,6 +9,7 @@ same m iterations. The preceding conv should be weight-centralised
 (:mod:`d2norm.layers.weight_centralization`), which stands in for the mean subtraction.
 """
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .._compat import batch_norm_backward_reductions
+from .interface import NormLayer, TrainingStatistics
 from .per_channel import REDUCE_DIMS, keep_float32_buffers, per_channel, register_affine, statistics_dtype
 from .recomputation import refuse_recomputation
 
@@ -76,7 +78,20 @@ class _MovingAverageNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-class MovingAverageBatchNorm2d(nn.Module):
+class _Step(NamedTuple):
+    advanced: torch.Tensor
+    iters: torch.Tensor
+    slot: torch.Tensor
+    buffer_x2: torch.Tensor
+    use_smas: torch.Tensor
+    renormalize: torch.Tensor
+    var: torch.Tensor
+    running_var: torch.Tensor
+    ratio: torch.Tensor
+    r: torch.Tensor
+
+
+class MovingAverageBatchNorm2d(NormLayer, nn.Module):
     """Moving Average Batch Normalization for (N, C, H, W) inputs (Yan et al., ICLR 2020; megvii-model/MABN).
 
     Training step t (1-based count of training forwards, the buffer ``iters``):
@@ -128,6 +143,8 @@ class MovingAverageBatchNorm2d(nn.Module):
     """
 
     _version = 2
+    kind = "MABN"
+    conv_binding = "centralize"
 
     def __init__(self, num_features, buffer_size=16, warmup_iters=100, renorm_free_iters=1000, rmax=5.0,
                  ema_decay=0.98, eps=1e-5, affine=True):
@@ -150,7 +167,7 @@ class MovingAverageBatchNorm2d(nn.Module):
         self.ema_decay = ema_decay
         self.eps = eps
         self.affine = affine
-        # Set by the trainer for layers in frozen stages: always use the eval map.
+        # Set for layers in frozen stages (freeze_statistics): always use the eval map.
         self.frozen = False
         register_affine(self, num_features, affine)
         self.register_buffer("running_var", torch.ones(num_features))
@@ -197,33 +214,88 @@ class MovingAverageBatchNorm2d(nn.Module):
         use_smas = (iters > self.buffer_size) & (iters >= self.warmup_iters)
         return use_smas, iters > max(self.renorm_free_iters, self.warmup_iters)
 
+    @torch.no_grad()
+    def _next_step(self, x):
+        """Training step t+1 on ``x`` as the official ``MABN2d.forward`` computes it, without changing
+        any state: χ, whether it is finite (``advanced``), the counter and ring buffer after the
+        write, the schedule, the forward statistic ``var``, the ratio √(var+eps)/√(running_var+eps)
+        and the renorm factor r. A non-finite χ advances nothing (its slot keeps its value)."""
+        chi = x.to(statistics_dtype(x)).square().mean(dim=REDUCE_DIMS)
+        advanced = chi.isfinite().all()
+        iters = self.iters + advanced
+        slot = (iters % self.buffer_size).view(1)
+        kept = self.buffer_x2.index_select(0, slot)
+        buffer_x2 = self.buffer_x2.index_copy(0, slot, torch.where(advanced, chi.to(self.buffer_x2.dtype)[None], kept))
+        use_smas, renormalize = self.schedule(iters)
+        var = torch.where(use_smas, buffer_x2.mean(dim=0).to(chi.dtype), chi)
+        running_var = self.running_var.to(chi.dtype)
+        ratio = torch.sqrt(var + self.eps) / torch.sqrt(running_var + self.eps)
+        r = torch.where(renormalize, ratio.clamp(1.0 / self.rmax, self.rmax), torch.ones_like(ratio))
+        return _Step(advanced, iters, slot, buffer_x2, use_smas, renormalize, var, running_var, ratio, r)
+
     @torch.compiler.disable
     @torch.no_grad()
     def _advance_statistics(self, x):
-        """Step t: write χ_t, choose var (batch or SMAS), compute r, update the EMA (official ``MABN2d.forward``).
+        """Take step t+1 (:meth:`_next_step`): write χ and the counter, update the EMA.
 
-        All schedule decisions stay on the device (no host synchronisation). A non-finite χ
-        advances nothing: ``iters`` stays, so its slot is rewritten with its own value.
+        All schedule decisions stay on the device (no host synchronisation).
 
         Never compiled: ``torch.compile`` sees var and r as inputs of the normalisation. Traced
         together, its partitioner may recompute them in the backward from the buffers this step
         has already updated in place (wrong gradients once r != 1).
         """
-        chi = x.to(statistics_dtype(x)).square().mean(dim=REDUCE_DIMS)
-        advanced = chi.isfinite().all()
-        self.iters += advanced
-        self.nonfinite_skips += ~advanced
-        slot = (self.iters % self.buffer_size).view(1)
-        kept = self.buffer_x2.index_select(0, slot)
-        self.buffer_x2.index_copy_(0, slot, torch.where(advanced, chi.to(self.buffer_x2.dtype)[None], kept))
-        use_smas, renormalize = self.schedule(self.iters)
-        var = torch.where(use_smas, self.buffer_x2.mean(dim=0).to(chi.dtype), chi)
-        running_var = self.running_var.to(chi.dtype)
-        ratio = torch.sqrt(var + self.eps) / torch.sqrt(running_var + self.eps)
-        r = torch.where(renormalize, ratio.clamp(1.0 / self.rmax, self.rmax), torch.ones_like(ratio))
-        updated = self.ema_decay * running_var + (1.0 - self.ema_decay) * var
-        self.running_var.copy_(torch.where(advanced, updated, running_var))
-        return var, r, slot, use_smas, advanced
+        step = self._next_step(x)
+        self.iters.copy_(step.iters)
+        self.nonfinite_skips += ~step.advanced
+        self.buffer_x2.copy_(step.buffer_x2)
+        updated = self.ema_decay * step.running_var + (1.0 - self.ema_decay) * step.var
+        self.running_var.copy_(torch.where(step.advanced, updated, step.running_var))
+        return step.var, step.r, step.slot, step.use_smas, step.advanced
+
+    # ------------------------------------------------------------------ NormLayer interface
+    def estimates_population(self):
+        return not self.frozen
+
+    def population_statistics(self):
+        return None, self.running_var.detach().clone()
+
+    @torch.no_grad()
+    def set_population_statistics(self, mean, second_moment):
+        self.running_var.copy_(second_moment)
+
+    def trains_statistics(self, x):
+        return (self.training and not self.frozen and torch.is_grad_enabled() and x.requires_grad
+                and x.numel() > 0)
+
+    @torch.no_grad()
+    def training_statistics(self, x):
+        """No mean (MABN does not centre) and the variance (var+eps)/r² - eps, so that the forward's
+        x·r/√(var+eps) is x/√(variance+eps); with the fraction of channels whose r is clipped
+        (``mabn_clip_rate``), the forward statistic over the EMAS (``mabn_smas_emas_ratio``) and
+        the schedule (``mabn_warmed_up``: SMAS in use, ``mabn_renorm``: r clipped, not 1)."""
+        step = self._next_step(x)
+        renormalize = bool(step.renormalize)
+        clipped = (step.ratio < 1.0 / self.rmax) | (step.ratio > self.rmax)
+        metrics = {
+            "mabn_clip_rate": clipped.float().mean() if renormalize else 0.0,
+            "mabn_smas_emas_ratio": (step.var / step.running_var.clamp(min=self.eps)).mean(),
+            "mabn_warmed_up": float(bool(step.use_smas)),
+            "mabn_renorm": float(renormalize),
+        }
+        return TrainingStatistics(None, (step.var + self.eps) / step.r.square() - self.eps, metrics)
+
+    def freeze_statistics(self, frozen):
+        self.frozen = bool(frozen)
+
+    def cross_iteration_buffers(self):
+        return {"buffer_x2": self.buffer_x2, "buffer_gz": self.buffer_gz}
+
+    def in_warmup(self):
+        return int(self.iters) <= max(self.warmup_iters, self.renorm_free_iters, self.buffer_size)
+
+    @torch.no_grad()
+    def skip_warmup(self):
+        self.iters.clamp_(min=max(self.warmup_iters, self.renorm_free_iters, self.buffer_size))
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

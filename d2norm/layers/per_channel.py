@@ -2,6 +2,7 @@
 float32 statistics buffers and the non-finite-update guard."""
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 REDUCE_DIMS = (0, 2, 3)  # statistics are per channel over N, H, W
 
@@ -42,6 +43,23 @@ def register_affine(module: nn.Module, num_features: int, affine: bool) -> None:
     else:
         module.register_parameter("weight", None)
         module.register_parameter("bias", None)
+
+
+def batch_norm_keeping_finite_statistics(bn, x, weight, bias):
+    """``F.batch_norm`` of ``x`` in training mode with ``bn``'s running statistics, momentum and
+    eps, except that a batch with non-finite statistics leaves ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` as they were and adds 1 to ``bn.nonfinite_skips`` (decided on the
+    device: F.batch_norm updates copies, which its backward keeps, adopted where finite)."""
+    running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, bn.eps)
+    finite = all_finite(running_mean, running_var)
+    for buf, updated in ((bn.running_mean, running_mean), (bn.running_var, running_var)):
+        buf.copy_(torch.where(finite, updated, buf))
+    bn.num_batches_tracked.sub_((~finite).long())
+    bn.nonfinite_skips.add_((~finite).long())
+    return y
 
 
 @torch.no_grad()

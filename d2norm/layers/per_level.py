@@ -12,6 +12,7 @@ import inspect
 import torch
 import torch.nn as nn
 
+from .interface import NormLayer
 from .per_channel import per_channel, register_affine
 
 __all__ = ["PerLevelNorm", "make_retinanet_head_per_level"]
@@ -122,12 +123,10 @@ def make_retinanet_head_per_level(head, num_levels):
     that every per-level norm of the head is called a multiple of ``num_levels`` times per
     forward. Idempotent. Returns the number of layers replaced.
     """
-    from . import D2NORM_LAYER_TYPES  # the package imports this module
-
     replaced = 0
     for tower in (head.cls_subnet, head.bbox_subnet):
         for index, layer in enumerate(tower):
-            if isinstance(layer, D2NORM_LAYER_TYPES):
+            if isinstance(layer, NormLayer):
                 tower[index] = PerLevelNorm.from_layer(layer, num_levels)
                 replaced += 1
     if replaced and not getattr(head, "_d2norm_per_level_check", False):

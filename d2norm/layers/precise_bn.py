@@ -7,10 +7,13 @@ updates ``running_mean``/``running_var`` itself; :func:`d2norm.recalibrate` comp
 model fixed, and the ``recalibrated`` buffer records that it did (so checkpoints keep it).
 The statistics stay float32 under ``.half()``/``.to(torch.bfloat16)``.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .interface import BatchNormStatistics
 from .per_channel import batch_norm_affine, keep_float32_buffers
 
 __all__ = ["NotRecalibratedError", "PreciseBatchNorm2d"]
@@ -20,7 +23,7 @@ class NotRecalibratedError(RuntimeError):
     """A PreciseBatchNorm2d was asked for population statistics it has never been given."""
 
 
-class PreciseBatchNorm2d(nn.BatchNorm2d):
+class PreciseBatchNorm2d(BatchNormStatistics, nn.BatchNorm2d):
     """BatchNorm2d without EMA: batch statistics in training, recalibrated statistics in eval.
 
     Args:
@@ -28,6 +31,9 @@ class PreciseBatchNorm2d(nn.BatchNorm2d):
         eps (float): added to the variance inside the square root.
         affine (bool): learnable per-channel ``weight`` (γ) and ``bias`` (β), as in torch BN.
     """
+
+    kind = "PreciseBN"
+    needs_recalibration = True
 
     def __init__(self, num_features, eps=1e-5, affine=True):
         super().__init__(num_features, eps=eps, momentum=None, affine=affine, track_running_stats=True)
@@ -65,6 +71,23 @@ class PreciseBatchNorm2d(nn.BatchNorm2d):
         """
         self._check_recalibrated()
         return batch_norm_affine(self)
+
+    def has_population_statistics(self):
+        return bool(self.recalibrated)
+
+    @torch.no_grad()
+    def set_population_statistics(self, mean, second_moment):
+        super().set_population_statistics(mean, second_moment)
+        self.recalibrated.fill_(True)
+
+    @contextlib.contextmanager
+    def placeholder_statistics(self):
+        recalibrated = self.recalibrated.clone()
+        self.recalibrated.fill_(True)
+        try:
+            yield
+        finally:
+            self.recalibrated.copy_(recalibrated)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
         # A plain BatchNorm checkpoint (ImageNet weights) has no flag: its EMA statistics do

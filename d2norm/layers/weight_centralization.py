@@ -17,13 +17,20 @@ W̃ as ``self.weight``. This works for ``torch.nn.Conv2d`` and for detectron2's 
 ``forward`` calls ``F.conv2d`` itself and then applies its ``norm``/``activation``). Outside
 ``forward`` the attribute ``weight`` is still the trainable Parameter under its own name, so
 checkpoints (centred or not) load unchanged, initialisers act on the Parameter, and
-``isinstance`` checks against the original class still hold.
+``isinstance`` checks against the original class still hold. The subclass, not forward hooks,
+carries the centring because ``torch.compile`` guards on a module's class but not on its hooks
+(dynamo's ``skip_nnmodule_hook_guards``): a graph compiled for a plain conv would be reused for a
+centralised one. ``torch.nn.utils.parametrize`` works the same way (a cached subclass per class)
+but renames the weight Parameter and its checkpoint key.
 """
 
 import torch
 import torch.nn as nn
 
-__all__ = ["centralize_conv_weight", "centralized_weight", "effective_conv_weight", "is_weight_centralized"]
+__all__ = [
+    "centralize_conv_weight", "centralized_weight", "effective_conv_weight", "is_weight_centralized",
+    "remove_weight_centralization",
+]
 
 _CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -108,6 +115,14 @@ def centralize_conv_weight(conv: nn.Module) -> nn.Module:
         )
     if not is_weight_centralized(conv):
         conv.__class__ = _centralized_class(type(conv))
+    return conv
+
+
+def remove_weight_centralization(conv: nn.Module) -> nn.Module:
+    """Undo :func:`centralize_conv_weight` (back to the original class: the forward uses
+    ``conv.weight`` as it is, e.g. once W̃ is folded into it). Returns ``conv``."""
+    if is_weight_centralized(conv):
+        conv.__class__ = type(conv)._centralized_base
     return conv
 
 

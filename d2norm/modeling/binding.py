@@ -16,8 +16,7 @@ No module is registered under another (no cycles), and parameter names do not ch
 """
 import logging
 
-from ..layers.cbn import CrossIterationBatchNorm2d
-from ..layers.mabn import MovingAverageBatchNorm2d
+from ..layers import NormLayer
 from ..layers.weight_centralization import centralize_conv_weight
 from .conv_inputs import CONV_TRANSPOSE2D, find_norm_inputs
 
@@ -25,14 +24,16 @@ __all__ = ["prepare_model", "conv_norm_pairs"]
 
 logger = logging.getLogger(__name__)
 
-_BOUND_TYPES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)
 
-
-def conv_norm_pairs(model, example_inputs=None, norm_types=_BOUND_TYPES):
+def conv_norm_pairs(model, example_inputs=None, norm_types=(NormLayer,)):
     """``(conv, norm)`` for every layer of ``norm_types`` fed directly by a conv or transposed conv
     in one observed forward (see :func:`d2norm.modeling.conv_inputs.find_norm_inputs`)."""
     return [(i.conv, i.norm) for i in find_norm_inputs(model, example_inputs, norm_types=norm_types)
             if i.conv is not None]
+
+
+def _uses_its_conv(module):
+    return isinstance(module, NormLayer) and module.conv_binding is not None
 
 
 def prepare_model(model, centralize_weights=True, example_inputs=None):
@@ -57,18 +58,19 @@ def prepare_model(model, centralize_weights=True, example_inputs=None):
         ValueError: no ``example_inputs`` for a model that is not a detectron2 meta-architecture.
     """
     for module in model.modules():
-        if isinstance(module, MovingAverageBatchNorm2d):
+        if isinstance(module, NormLayer):
             params = list(module.parameters())
-            module.frozen = bool(params) and not any(p.requires_grad for p in params)
-    if any(isinstance(m, _BOUND_TYPES) for m in model.modules()):
-        _bind(find_norm_inputs(model, example_inputs, norm_types=_BOUND_TYPES), centralize_weights)
+            module.freeze_statistics(bool(params) and not any(p.requires_grad for p in params))
+    if any(_uses_its_conv(m) for m in model.modules()):
+        norm_inputs = find_norm_inputs(model, example_inputs, norm_types=(NormLayer,))
+        _bind([item for item in norm_inputs if _uses_its_conv(item.norm)], centralize_weights)
     return model
 
 
 def _bind(norm_inputs, centralize_weights):
     errors, uncentralized = [], []
     for item in norm_inputs:
-        if isinstance(item.norm, CrossIterationBatchNorm2d):
+        if item.norm.conv_binding == "bind":
             reason = _cbn_problem(item)
             if reason:
                 errors.append(f"'{item.name}': {reason}")

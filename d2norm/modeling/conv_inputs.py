@@ -12,6 +12,7 @@ tensor of that conv module's ``conv2d`` (same object, not modified in place sinc
 not run again in between. Anything else — an activation, a sum, a transposed conv, a functional
 conv outside a module — is reported with the operation that produced the input.
 """
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from ..layers import D2NORM_LAYER_TYPES, PreciseBatchNorm2d
+from ..layers import NormLayer
 
 __all__ = ["NormInput", "default_example_inputs", "find_norm_inputs"]
 
@@ -164,23 +165,23 @@ def default_example_inputs(model):
 
 def _run_example(model, args, kwargs=None):
     """``model(*args, **kwargs)`` in eval mode without gradients, then every module's mode restored.
-    PreciseBN layers may run before their first recalibration (only the data flow matters here)."""
+    Layers without population statistics yet (PreciseBN) run on placeholders: only the data flow
+    matters here."""
     modes = [(m, m.training) for m in model.modules()]
-    never_calibrated = [m for m in model.modules() if isinstance(m, PreciseBatchNorm2d) and not m.recalibrated]
-    for m in never_calibrated:
-        m.recalibrated.fill_(True)
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*args, **(kwargs or {}))
-    finally:
-        for m in never_calibrated:
-            m.recalibrated.fill_(False)
-        for m, training in modes:
-            m.training = training
+    with contextlib.ExitStack() as placeholders:
+        for m in model.modules():
+            if isinstance(m, NormLayer):
+                placeholders.enter_context(m.placeholder_statistics())
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(*args, **(kwargs or {}))
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
-def find_norm_inputs(model, example_inputs=None, example_kwargs=None, norm_types=D2NORM_LAYER_TYPES):
+def find_norm_inputs(model, example_inputs=None, example_kwargs=None, norm_types=(NormLayer,)):
     """Observe one forward of ``model`` and say what feeds each layer of ``norm_types``.
 
     Args:
@@ -214,13 +215,13 @@ def find_norm_inputs(model, example_inputs=None, example_kwargs=None, norm_types
     def enter(module, args):
         if id(module) in inputs and args:
             inputs[id(module)]._calls.append(recorder.describe(args[0]))
-        if isinstance(module, D2NORM_LAYER_TYPES):
+        if isinstance(module, NormLayer):
             recorder.norm_depth += 1
         recorder.stack.append(module)
 
     def leave(module, args, output):
         recorder.stack.pop()
-        if isinstance(module, D2NORM_LAYER_TYPES):
+        if isinstance(module, NormLayer):
             recorder.norm_depth -= 1
 
     handles = []

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 from detectron2.layers import FrozenBatchNorm2d
 
-from ..layers import D2NORM_LAYER_TYPES
-from ..layers.weight_centralization import effective_conv_weight, is_weight_centralized
+from ..layers import NormLayer
+from ..layers.weight_centralization import effective_conv_weight, remove_weight_centralization
 from .conv_inputs import find_norm_inputs
 
 __all__ = ["fold_norms"]
@@ -44,8 +44,7 @@ def fold_norms(model, example_inputs=None):
         scale, shift = norm.per_channel_affine()
         weight = effective_conv_weight(conv) * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
         bias = shift if conv.bias is None else shift + scale * conv.bias
-        if is_weight_centralized(conv):
-            conv.__class__ = type(conv).__bases__[1]  # drop the centralising mixin: W is folded in
+        remove_weight_centralization(conv)  # W̃ is folded into the weight
         conv.weight = nn.Parameter(weight, requires_grad=False)
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
         # detectron2's Conv2d skips a None norm; anywhere else the norm's place becomes a no-op.
@@ -62,7 +61,7 @@ def _replace_with_frozen_affine(model):
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     for parent in list(model.modules()):
         for key, child in list(parent._modules.items()):
-            if isinstance(child, D2NORM_LAYER_TYPES):
+            if isinstance(child, NormLayer):
                 scale, shift = child.per_channel_affine()
                 frozen = FrozenBatchNorm2d(scale.numel(), eps=0.0).to(scale.device, dtype or scale.dtype)
                 frozen.weight.copy_(scale)

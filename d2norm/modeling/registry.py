@@ -6,20 +6,23 @@ binds ``get_norm`` by name at import time. :func:`install` therefore rebinds the
 in every already-imported module that holds detectron2's original function, replacing it with
 :func:`get_norm`, which resolves d2norm names and defers everything else to the original.
 
-Layer hyper-parameters (window, buffer size, …) come from :func:`norm_settings`, which
-:func:`d2norm.modeling.build_model` enters with ``cfg.D2NORM`` while it builds the model; outside
-it the layers' own defaults (the papers' settings) apply.
+A name resolves to its layer with the layer's own defaults (the papers' settings). Hyper-parameters
+from a config reach a layer as constructor arguments: :func:`configured_factory` gives the factory
+with ``cfg.D2NORM``'s values, which :func:`d2norm.modeling.configured_norms` puts in the config in
+place of the name before the model is built.
 """
-import contextlib
+import functools
 import importlib
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from ..config.defaults import brn_settings, cbn_settings, mabn_settings
+from ..layers import BatchRenorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 
-__all__ = ["UnknownNormError", "get_norm", "install", "known_norm_names", "norm_settings", "register_norm"]
+__all__ = ["UnknownNormError", "configured_factory", "get_norm", "install", "known_norm_names", "register_norm"]
 
 # Modules that bind ``get_norm`` by name (detectron2 v0.6 and main); imported before rebinding.
 _IMPORTERS = (
@@ -40,8 +43,15 @@ _IMPORTERS = (
 # Names detectron2's own get_norm may accept (v0.6 and main); filtered by what this install knows.
 _BUILTIN_CANDIDATES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
-_FACTORIES: dict[str, Callable[[int], nn.Module]] = {}
-_SETTINGS: dict[str, dict] = {}
+
+
+@dataclass(frozen=True)
+class _Registration:
+    factory: Callable[..., nn.Module]
+    settings: Callable[..., dict] | None
+
+
+_REGISTRY: dict[str, _Registration] = {}
 
 
 class UnknownNormError(KeyError):
@@ -55,29 +65,25 @@ class UnknownNormError(KeyError):
         return self.args[0]
 
 
-def register_norm(name: str, factory: Callable[[int], nn.Module]) -> None:
-    """Make ``name`` resolvable by :func:`get_norm`; ``factory(channels)`` builds the layer."""
-    _FACTORIES[name] = factory
+def register_norm(name: str, factory: Callable[..., nn.Module], settings: Callable[..., dict] | None = None):
+    """Make ``name`` resolvable by :func:`get_norm`: ``factory(channels)`` builds the layer.
 
-
-@contextlib.contextmanager
-def norm_settings(**settings):
-    """Within the block, d2norm factories read their hyper-parameters from ``settings``.
-
-    Keys are the lower-case norm families (``cbn``, ``mabn``), each a dict of constructor kwargs.
+    Args:
+        settings: optional ``settings(d2norm_cfg, in_head) -> kwargs`` giving ``factory``'s keyword
+            arguments from the ``D2NORM`` config node, for a layer in a detection head
+            (``in_head``) or elsewhere; a model built from a config then gets
+            ``factory(channels, **kwargs)``.
     """
-    old = dict(_SETTINGS)
-    _SETTINGS.update(settings)
-    try:
-        yield
-    finally:
-        _SETTINGS.clear()
-        _SETTINGS.update(old)
+    _REGISTRY[name] = _Registration(factory, settings)
 
 
-def layer_settings(family: str) -> dict:
-    """Constructor kwargs for ``family`` set by the innermost :func:`norm_settings` (or ``{}``)."""
-    return dict(_SETTINGS.get(family, {}))
+def configured_factory(name: str, d2norm_cfg, in_head: bool = False):
+    """``channels -> layer`` for the registered ``name`` with the settings of ``d2norm_cfg`` (a
+    ``functools.partial`` of the layer class), or None if ``name`` takes no settings from a config."""
+    registration = _REGISTRY.get(name)
+    if registration is None or registration.settings is None:
+        return None
+    return functools.partial(registration.factory, **registration.settings(d2norm_cfg, in_head))
 
 
 def _original_get_norm():
@@ -97,7 +103,7 @@ def known_norm_names():
         except KeyError:
             continue
         builtin.append(name)
-    return builtin + sorted(_FACTORIES)
+    return builtin + sorted(_REGISTRY)
 
 
 def get_norm(norm, out_channels):
@@ -108,8 +114,8 @@ def get_norm(norm, out_channels):
             name), ``""``/``None`` for no norm, or a callable ``channels -> nn.Module``.
         out_channels (int): number of channels.
     """
-    if isinstance(norm, str) and norm in _FACTORIES:
-        return _FACTORIES[norm](out_channels)
+    if isinstance(norm, str) and norm in _REGISTRY:
+        return _REGISTRY[norm].factory(out_channels)
     try:
         return _original_get_norm()(norm, out_channels)
     except KeyError:
@@ -138,6 +144,7 @@ def install():
             module.get_norm = get_norm
 
 
-register_norm("CBN", lambda c: CrossIterationBatchNorm2d(c, **layer_settings("cbn")))
-register_norm("MABN", lambda c: MovingAverageBatchNorm2d(c, **layer_settings("mabn")))
+register_norm("CBN", CrossIterationBatchNorm2d, cbn_settings)
+register_norm("MABN", MovingAverageBatchNorm2d, mabn_settings)
 register_norm("PreciseBN", PreciseBatchNorm2d)
+register_norm("BRN", BatchRenorm2d, brn_settings)

@@ -24,8 +24,8 @@ import logging
 
 import torch
 
-from ..layers import MovingAverageBatchNorm2d
-from ..layers.per_channel import batch_norm_affine, statistics_dtype
+from ..layers import norm_layer
+from ..layers.per_channel import statistics_dtype
 from .population import normalization_gap, population_statistics
 from .recalibration import population_norm_layers, recalibrate
 
@@ -36,9 +36,7 @@ logger = logging.getLogger(__name__)
 
 def _eval_affine(layer):
     """``(scale, shift)`` of ``layer``'s eval-mode output ``scale[c]·x + shift[c]``."""
-    if isinstance(layer, MovingAverageBatchNorm2d):
-        return tuple(t.detach() for t in layer.per_channel_affine())
-    return batch_norm_affine(layer)
+    return tuple(t.detach() for t in norm_layer(layer).per_channel_affine())
 
 
 def _apply_eval_affine(affine):

@@ -31,10 +31,8 @@ import torch
 import torch.nn as nn
 from detectron2.engine.train_loop import HookBase
 
-from ..layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
-from ..layers.cbn import pooled_statistics
-from ..layers.per_channel import statistics_dtype
-from .population import has_population_statistics, normalization_gap
+from ..layers import norm_layer
+from .population import normalization_gap
 from .recalibration import population_norm_layers
 
 __all__ = [
@@ -73,17 +71,6 @@ def recalibration_shift(before, after):
     return {f"norm/{part}/recalibration_shift": sum(v) / len(v) for part, v in per_part.items()}
 
 
-def _reduce_dims(x):
-    return [d for d in range(x.dim()) if d != 1]
-
-
-def _updates_statistics(layer, x):
-    """Whether this forward is a training forward with training statistics (as the layers decide)."""
-    # Recalibration and other no-grad forwards are not training iterations and are not measured.
-    return (layer.training and torch.is_grad_enabled() and x.numel() > 0 and not getattr(layer, "frozen", False)
-            and (not isinstance(layer, (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)) or x.requires_grad))
-
-
 class NormStatsProbe:
     """Measures the layers of ``model`` during the forwards run inside :meth:`observe`.
 
@@ -94,7 +81,6 @@ class NormStatsProbe:
     def __init__(self, model):
         self.layers = population_norm_layers(model)
         self._values = defaultdict(lambda: defaultdict(list))  # layer name -> metric -> values
-        self._mabn_before = {}
         self._handles = []
 
     def start(self):
@@ -104,9 +90,6 @@ class NormStatsProbe:
         for name, layer in self.layers:
             self._handles.append(layer.register_forward_pre_hook(
                 lambda m, args, name=name: self._before_forward(name, m, args[0])))
-            if isinstance(layer, MovingAverageBatchNorm2d):
-                self._handles.append(layer.register_forward_hook(
-                    lambda m, args, out, name=name: self._after_mabn_forward(name, m, args[0])))
 
     @property
     def observing(self):
@@ -127,65 +110,22 @@ class NormStatsProbe:
         finally:
             self.stop()
 
-    def _record(self, name, metric, value):
-        self._values[name][metric].append(value)  # a float or a 0-dim tensor, read in summaries()
-
-    def _before_forward(self, name, layer, x):
-        if not _updates_statistics(layer, x):  # needs the grad mode of the forward: not under no_grad
+    def _before_forward(self, name, module, x):
+        layer = norm_layer(module)
+        # Recalibration and other no-grad forwards are not training iterations and are not measured.
+        if not (torch.is_grad_enabled() and layer.trains_statistics(x)):
             return
         with torch.no_grad():
-            self._measure(name, layer, x)
-
-    def _measure(self, name, layer, x):
-        if isinstance(layer, MovingAverageBatchNorm2d):
-            self._mabn_before[name] = layer.running_var.clone()
-            return
-        xs = x.detach().to(statistics_dtype(x))
-        var, mean = torch.var_mean(xs, dim=_reduce_dims(xs), correction=0)
-        if isinstance(layer, CrossIterationBatchNorm2d):
-            mean, var = self._cbn_statistics(name, layer, mean, var)
-        if has_population_statistics(layer):
-            gap = normalization_gap(mean, var, layer.running_mean.to(mean.dtype),
-                                    layer.running_var.to(var.dtype), layer.eps)
-            self._record(name, "inconsistency", gap.mean())
-
-    def _cbn_statistics(self, name, layer, mean, var):
-        """The statistics this CBN forward normalises with, and its window metrics."""
-        pools = layer.pools_window()
-        self._record(name, "cbn_pooling", float(pools))
-        window = layer.compensated_window() if pools else None
-        if window is None:
-            return mean, var
-        past_mean, past_var, past_valid = window
-        filled = int(layer.history_length)
-        if filled > 0:
-            stored_mean = layer.history_mean[:filled].to(mean.dtype)
-            stored_var = layer.history_var[:filled].to(var.dtype)
-            self._record(name, "cbn_valid_fraction", past_valid[:filled].float().mean())
-            std = torch.sqrt(stored_var + layer.eps)
-            self._record(name, "cbn_mean_compensation", ((past_mean[:filled] - stored_mean).abs() / std).mean())
-            self._record(name, "cbn_var_compensation",
-                         ((past_var[:filled] - stored_var).abs() / (stored_var + layer.eps)).mean())
-        pooled_mean, pooled_var, _ = pooled_statistics(mean, var, past_mean, past_var, past_valid)
-        return pooled_mean, pooled_var
-
-    @torch.no_grad()
-    def _after_mabn_forward(self, name, layer, x):
-        running_var = self._mabn_before.pop(name, None)
-        if running_var is None:
-            return
-        use_smas, renormalize = (bool(flag) for flag in layer.schedule(layer.iters))
-        buffer = layer.buffer_x2
-        var = buffer.mean(dim=0) if use_smas else buffer[int(layer.iters) % layer.buffer_size]
-        ratio = torch.sqrt(var + layer.eps) / torch.sqrt(running_var + layer.eps)
-        clipped = (ratio < 1.0 / layer.rmax) | (ratio > layer.rmax)
-        r = ratio.clamp(1.0 / layer.rmax, layer.rmax) if renormalize else torch.ones_like(ratio)
-        # Training divides x by √(var+ε)/r, inference by √(running_var+ε): s = ratio / r, δ = 0.
-        self._record(name, "inconsistency", (ratio / r - 1).abs().mean())
-        self._record(name, "mabn_clip_rate", clipped.float().mean() if renormalize else 0.0)
-        self._record(name, "mabn_smas_emas_ratio", (var / running_var.clamp(min=layer.eps)).mean())
-        self._record(name, "mabn_warmed_up", float(use_smas))
-        self._record(name, "mabn_renorm", float(renormalize))
+            statistics = layer.training_statistics(x)
+            values = self._values[name]
+            for metric, value in statistics.metrics.items():
+                values[metric].append(value)  # a float or a 0-dim tensor, read in summaries()
+            if layer.has_population_statistics():
+                mean, var = layer.population_statistics()
+                gap = normalization_gap(statistics.mean, statistics.var,
+                                        None if mean is None else mean.to(statistics.var.dtype),
+                                        var.to(statistics.var.dtype), layer.eps)
+                values["inconsistency"].append(gap.mean())
 
     def summaries(self):
         """``{key: float}``: per-layer inconsistency and per-part means of every metric."""

@@ -5,10 +5,10 @@ statistics before and after something changed them.
 """
 import torch
 
-from ..layers import MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from ..layers import norm_layer
 from .recalibration import population_norm_layers
 
-__all__ = ["has_population_statistics", "normalization_gap", "population_statistics"]
+__all__ = ["normalization_gap", "population_statistics"]
 
 
 def normalization_gap(mean_t, var_t, mean_p, var_p, eps):
@@ -21,19 +21,13 @@ def normalization_gap(mean_t, var_t, mean_p, var_p, eps):
     return torch.sqrt(shift**2 + (scale - 1) ** 2)
 
 
-def has_population_statistics(layer):
-    """False only for a PreciseBN layer that was never recalibrated."""
-    return not (isinstance(layer, PreciseBatchNorm2d) and not bool(layer.recalibrated))
-
-
 @torch.no_grad()
 def population_statistics(model):
     """``{module path: (mean or None, variance)}`` of every layer that has population statistics
     (MABN: no mean, its second moment); PreciseBN layers never recalibrated are left out."""
     stats = {}
-    for name, layer in population_norm_layers(model):
-        if not has_population_statistics(layer):
-            continue
-        mean = None if isinstance(layer, MovingAverageBatchNorm2d) else layer.running_mean.clone()
-        stats[name] = (mean, layer.running_var.clone(), layer.eps)
+    for name, module in population_norm_layers(model):
+        layer = norm_layer(module)
+        if layer.has_population_statistics():
+            stats[name] = (*layer.population_statistics(), layer.eps)
     return stats

@@ -12,12 +12,10 @@ that layer's sums (the other batches still count); the number of such batches is
 of the union of all ranks' batches (fvcore's ``update_bn_stats`` keeps per-rank statistics:
 detectron2 issues #5398, #5409).
 
-What is set, per layer type:
-
-- ``nn.BatchNorm*``/``nn.SyncBatchNorm`` and subclasses (``PreciseBatchNorm2d``,
-  ``CrossIterationBatchNorm2d``): ``running_mean`` and ``running_var``; a PreciseBatchNorm2d is
-  marked ``recalibrated``.
-- ``MovingAverageBatchNorm2d``: ``running_var`` := E[x²] (MABN normalises by the second moment).
+What is set: each layer's :meth:`~d2norm.layers.NormLayer.set_population_statistics` from the
+pooled E[x] and E[x²] (BatchNorm and its subclasses: ``running_mean`` and ``running_var``, a
+PreciseBatchNorm2d is marked ``recalibrated``; MABN: ``running_var`` := E[x²], the second moment it
+normalises by).
 
 Which layers: a norm layer in eval mode while the model itself is in training mode is *frozen*
 (e.g. by :class:`d2norm.engine.hooks.FreezeNormLastIters`) and keeps its statistics; it normalises with
@@ -31,10 +29,9 @@ import logging
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from detectron2.utils.events import EventStorage
 
-from ..layers import MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from ..layers import norm_layer
 
 __all__ = ["population_norm_layers", "recalibrate"]
 
@@ -42,12 +39,12 @@ logger = logging.getLogger(__name__)
 
 
 def population_norm_layers(model):
-    """``(name, layer)`` for every norm layer of ``model`` that estimates population statistics."""
+    """``(name, layer)`` for every norm layer of ``model`` that estimates population statistics
+    (:meth:`d2norm.layers.NormLayer.estimates_population`, torch BatchNorm included)."""
     return [
         (name, module)
         for name, module in model.named_modules()
-        if (isinstance(module, MovingAverageBatchNorm2d) and not module.frozen)
-        or (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None)
+        if (layer := norm_layer(module)) is not None and layer.estimates_population()
     ]
 
 
@@ -108,8 +105,7 @@ def recalibrate(model, data_loader, num_iters):
                 f"over {num_iters} batches ...")
     modes = {module: module.training for module in model.modules()}
     saved = {layer: [b.clone() for b in layer.buffers()] for _, layer in all_layers}
-    moments = {layer: _PooledMoments(layer.running_var.numel(), layer.running_var.device)
-               for _, layer in layers}
+    moments = {layer: _PooledMoments(layer.num_features, next(layer.buffers()).device) for _, layer in layers}
     try:
         if not model.training:  # an eval model is recalibrated as a whole, in training mode
             model.train()
@@ -197,14 +193,7 @@ def _set_statistics(layers, moments):
         if pooled.count == 0:
             unseen.append(name)
             continue
-        mean, second_moment = pooled.mean_and_second_moment()
-        if isinstance(layer, MovingAverageBatchNorm2d):
-            layer.running_var.copy_(second_moment.view_as(layer.running_var))
-            continue
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_((second_moment - mean.square()).clamp_(min=0))
-        if isinstance(layer, PreciseBatchNorm2d):
-            layer.recalibrated.fill_(True)
+        norm_layer(layer).set_population_statistics(*pooled.mean_and_second_moment())
     if unseen:
         logger.warning(f"Recalibration: {len(unseen)} normalization layers received no input and "
                        f"keep their statistics: {', '.join(unseen)}")
