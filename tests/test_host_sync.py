@@ -6,7 +6,13 @@ import torch
 import torch.nn as nn
 
 import d2norm
-from d2norm.layers import BatchRenorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from d2norm.layers import (
+    BatchRenorm2d,
+    CrossIterationBatchNorm2d,
+    MovingAverageBatchNorm2d,
+    PreciseBatchNorm2d,
+    SyncMovingAverageBatchNorm2d,
+)
 
 LAYERS = {
     "BN": lambda: nn.BatchNorm2d(4),
@@ -14,6 +20,7 @@ LAYERS = {
     "CBN": lambda: CrossIterationBatchNorm2d(4, window=3, burnin_iters=2),
     "MABN": lambda: MovingAverageBatchNorm2d(4, buffer_size=2, warmup_iters=2, renorm_free_iters=3),
     "BRN": lambda: BatchRenorm2d(4, warmup_iters=1, rmax_iters=3, dmax_iters=2),
+    "SyncMABN (no group)": lambda: SyncMovingAverageBatchNorm2d(4, buffer_size=2, warmup_iters=2, renorm_free_iters=3),
 }
 
 

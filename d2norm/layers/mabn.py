@@ -47,7 +47,7 @@ class _MovingAverageNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, var, r, eps, buffer_gz, slot, use_smas, advanced):
+    def forward(ctx, x, weight, bias, var, r, eps, buffer_gz, slot, use_smas, advanced, reduce):
         gain = r if weight is None else r * weight.to(var.dtype)
         beta = None if bias is None else bias.to(var.dtype)
         zero_mean = torch.zeros_like(var)
@@ -55,6 +55,7 @@ class _MovingAverageNormFunction(torch.autograd.Function):
         ctx.eps = eps
         # Not saved tensors: backward writes the current slot and reads the others as they are then.
         ctx.buffer_gz, ctx.slot, ctx.use_smas, ctx.advanced = buffer_gz, slot, use_smas, advanced
+        ctx.reduce = reduce  # None, or (Σ G·z, count) -> their sums over the process group
         return F.batch_norm(x, zero_mean, var, gain, beta, False, 0.0, eps)
 
     @staticmethod
@@ -62,9 +63,14 @@ class _MovingAverageNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, var, r, gain, zero_mean = ctx.saved_tensors
         buffer_gz = ctx.buffer_gz
-        grad_x, sum_grad_z, sum_grad = batch_norm_backward_reductions(
-            grad_out, x, gain, zero_mean, var, ctx.eps, input_grad=True)
-        psi = gain * sum_grad_z / (x.numel() // x.shape[1])
+        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=var.dtype, device=var.device)
+        if x.numel() == 0:  # a rank without values still takes part in the reduction
+            grad_x, sum_grad_z, sum_grad = torch.zeros_like(x), torch.zeros_like(var), torch.zeros_like(var)
+        else:
+            grad_x, sum_grad_z, sum_grad = batch_norm_backward_reductions(
+                grad_out, x, gain, zero_mean, var, ctx.eps, input_grad=True)
+        total_grad_z, count = (sum_grad_z, count) if ctx.reduce is None else ctx.reduce(sum_grad_z, count)
+        psi = gain * total_grad_z / count
         previous = buffer_gz.index_select(0, ctx.slot)[0]
         stored = torch.where(psi.isfinite() & ctx.advanced, psi.to(buffer_gz.dtype), previous)
         buffer_gz.index_copy_(0, ctx.slot, stored[None])
@@ -75,7 +81,7 @@ class _MovingAverageNormFunction(torch.autograd.Function):
             grad_weight = (sum_grad_z * r).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = sum_grad.to(weight.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 class _Step(NamedTuple):
@@ -179,7 +185,7 @@ class MovingAverageBatchNorm2d(NormLayer, nn.Module):
     def forward(self, x):
         if x.dim() != 4:
             raise ValueError(f"MovingAverageBatchNorm2d expects (N, C, H, W) input, got {tuple(x.shape)}")
-        if not self.training or self.frozen or x.numel() == 0:
+        if not self.training or self.frozen or (x.numel() == 0 and not self.synchronized):
             scale, shift = self.per_channel_affine()
             return _channel_affine(x, scale, shift)
         if not (torch.is_grad_enabled() and x.requires_grad):
@@ -187,8 +193,20 @@ class MovingAverageBatchNorm2d(NormLayer, nn.Module):
         refuse_recomputation(self)
         var, r, slot, use_smas, advanced = self._advance_statistics(x)
         return _MovingAverageNormFunction.apply(
-            x, self.weight, self.bias, var, r, self.eps, self.buffer_gz, slot, use_smas, advanced
+            x, self.weight, self.bias, var, r, self.eps, self.buffer_gz, slot, use_smas, advanced,
+            self._backward_reduction(),
         )
+
+    # Statistics over this process only; SyncMovingAverageBatchNorm2d reduces them over a group.
+    synchronized = False
+
+    def _batch_second_moment(self, x):
+        """χ = mean over (N, H, W) of x², per channel, in the statistics dtype."""
+        return x.to(statistics_dtype(x)).square().mean(dim=REDUCE_DIMS)
+
+    def _backward_reduction(self):
+        """None: Ψ from this process's values (see :class:`_MovingAverageNormFunction`)."""
+        return None
 
     def per_channel_affine(self):
         """``(scale, shift)`` with eval output ``scale[c]·x + shift[c]``: (γ/√(running_var+eps), β).
@@ -202,8 +220,7 @@ class MovingAverageBatchNorm2d(NormLayer, nn.Module):
 
     def _normalize_statelessly(self, x):
         """γ·x/√(χ+eps) + β with the batch's χ: the warm-up formula, without touching state."""
-        second_moment = x.to(statistics_dtype(x)).square().mean(dim=REDUCE_DIMS)
-        scale = torch.rsqrt(second_moment + self.eps)
+        scale = torch.rsqrt(self._batch_second_moment(x) + self.eps)
         if not self.affine:
             return _channel_affine(x, scale, torch.zeros_like(scale))
         return _channel_affine(x, self.weight * scale, self.bias)
@@ -220,7 +237,7 @@ class MovingAverageBatchNorm2d(NormLayer, nn.Module):
         any state: χ, whether it is finite (``advanced``), the counter and ring buffer after the
         write, the schedule, the forward statistic ``var``, the ratio √(var+eps)/√(running_var+eps)
         and the renorm factor r. A non-finite χ advances nothing (its slot keeps its value)."""
-        chi = x.to(statistics_dtype(x)).square().mean(dim=REDUCE_DIMS)
+        chi = self._batch_second_moment(x)
         advanced = chi.isfinite().all()
         iters = self.iters + advanced
         slot = (iters % self.buffer_size).view(1)

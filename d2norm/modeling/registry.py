@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..config.defaults import brn_settings, cbn_settings, mabn_settings
-from ..layers import BatchRenorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
+from ..layers import (
+    BatchRenorm2d,
+    CrossIterationBatchNorm2d,
+    MovingAverageBatchNorm2d,
+    PreciseBatchNorm2d,
+    SyncMovingAverageBatchNorm2d,
+)
 
 __all__ = ["UnknownNormError", "configured_factory", "get_norm", "install", "known_norm_names", "register_norm"]
 
@@ -146,5 +152,6 @@ def install():
 
 register_norm("CBN", CrossIterationBatchNorm2d, cbn_settings)
 register_norm("MABN", MovingAverageBatchNorm2d, mabn_settings)
+register_norm("SyncMABN", SyncMovingAverageBatchNorm2d, mabn_settings)
 register_norm("PreciseBN", PreciseBatchNorm2d)
 register_norm("BRN", BatchRenorm2d, brn_settings)
