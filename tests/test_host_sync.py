@@ -11,6 +11,7 @@ from d2norm.layers import (
     CrossIterationBatchNorm2d,
     MovingAverageBatchNorm2d,
     PreciseBatchNorm2d,
+    SyncCrossIterationBatchNorm2d,
     SyncMovingAverageBatchNorm2d,
 )
 
@@ -20,6 +21,7 @@ LAYERS = {
     "CBN": lambda: CrossIterationBatchNorm2d(4, window=3, burnin_iters=2),
     "MABN": lambda: MovingAverageBatchNorm2d(4, buffer_size=2, warmup_iters=2, renorm_free_iters=3),
     "BRN": lambda: BatchRenorm2d(4, warmup_iters=1, rmax_iters=3, dmax_iters=2),
+    "SyncCBN (no group)": lambda: SyncCrossIterationBatchNorm2d(4, window=3, burnin_iters=2),
     "SyncMABN (no group)": lambda: SyncMovingAverageBatchNorm2d(4, buffer_size=2, warmup_iters=2, renorm_free_iters=3),
 }
 
@@ -36,6 +38,6 @@ def test_training_past_warmup_reads_no_tensor_value(name):
         for p in model.parameters():
             p.grad = None
     norm = model[1]
-    if name == "CBN":
+    if name.startswith(("CBN", "SyncCBN")):
         assert norm.pools_window()  # the window path ran
     assert all(t.device.type == "meta" for t in norm.state_dict().values())

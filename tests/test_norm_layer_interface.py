@@ -12,6 +12,7 @@ from d2norm.layers import (
     MovingAverageBatchNorm2d,
     NormLayer,
     PreciseBatchNorm2d,
+    SyncCrossIterationBatchNorm2d,
     SyncMovingAverageBatchNorm2d,
     TrainingStatistics,
     norm_layer,
@@ -49,7 +50,7 @@ _LAYERS = {
 def test_every_registered_d2norm_layer_implements_the_interface_under_its_name():
     for name, layer in (("CBN", CrossIterationBatchNorm2d), ("MABN", MovingAverageBatchNorm2d),
                         ("PreciseBN", PreciseBatchNorm2d), ("BRN", BatchRenorm2d),
-                        ("SyncMABN", SyncMovingAverageBatchNorm2d)):
+                        ("SyncMABN", SyncMovingAverageBatchNorm2d), ("SyncCBN", SyncCrossIterationBatchNorm2d)):
         built = d2norm.get_norm(name, 4)
         assert isinstance(built, layer) and isinstance(built, NormLayer) and built.kind == name
         assert norm_layer(built) is built

@@ -5,9 +5,10 @@ from .cbn import CrossIterationBatchNorm2d
 from .interface import NormLayer, TrainingStatistics, norm_layer
 from .mabn import MovingAverageBatchNorm2d
 from .precise_bn import PreciseBatchNorm2d
+from .sync_cbn import SyncCrossIterationBatchNorm2d
 from .sync_mabn import SyncMovingAverageBatchNorm2d
 
 __all__ = [
     "BatchRenorm2d", "CrossIterationBatchNorm2d", "MovingAverageBatchNorm2d", "NormLayer", "PreciseBatchNorm2d",
-    "SyncMovingAverageBatchNorm2d", "TrainingStatistics", "norm_layer",
+    "SyncCrossIterationBatchNorm2d", "SyncMovingAverageBatchNorm2d", "TrainingStatistics", "norm_layer",
 ]

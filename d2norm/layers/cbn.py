@@ -64,9 +64,9 @@ _WINDOW_STATE = (
 )
 
 
-def mean_input_patch(conv_input, kernel_size, stride, padding, dilation):
-    """(1/M) sum_m p_m, the mean over the M = N H_out W_out output positions of the conv's input
-    patch (zero padding included): a ``(C_in, kh, kw)`` tensor.
+def input_patch_sum(conv_input, kernel_size, stride, padding, dilation):
+    """``(Σ_m p_m, M)``: the sum over the M = N H_out W_out output positions of the conv's input
+    patch (zero padding included), a ``(C_in, kh, kw)`` tensor, and M.
 
     Tap (u, v) of the patch sums the input over the output grid shifted by (u, v) times the
     dilation. The sum is separable: one strided slice sum per kernel row over the batch-summed,
@@ -80,7 +80,28 @@ def mean_input_patch(conv_input, kernel_size, stride, padding, dilation):
     image = F.pad(conv_input.sum(0), (pw, pw, ph, ph))
     rows = torch.stack([image[:, u * dh: u * dh + (h_out - 1) * sh + 1: sh].sum(1) for u in range(kh)], 1)
     taps = torch.stack([rows[:, :, v * dw: v * dw + (w_out - 1) * sw + 1: sw].sum(2) for v in range(kw)], 2)
-    return taps / (n * h_out * w_out)
+    return taps, n * h_out * w_out
+
+
+def mean_input_patch(conv_input, kernel_size, stride, padding, dilation):
+    """(1/M) sum_m p_m, the mean over the M output positions of the conv's input patch
+    (:func:`input_patch_sum`): a ``(C_in, kh, kw)`` tensor."""
+    taps, count = input_patch_sum(conv_input, kernel_size, stride, padding, dilation)
+    return taps / count
+
+
+def statistic_gradients_from_sums(patch_sum, weight_grad_sum, count, mean, groups):
+    """The two derivatives of :func:`conv_statistic_gradients` from sums over M = ``count`` output
+    positions (of one process, or of several added together): ``patch_sum`` = Σ_m p_m and
+    ``weight_grad_sum`` = ``conv2d_weight(input, W.shape, conv_output)``, with ``mean`` the conv
+    output's per-channel mean over the same positions."""
+    mean_patch = patch_sum / count
+    c_out = weight_grad_sum.shape[0]
+    var_grad = weight_grad_sum.contiguous()
+    var_grad.view(groups, c_out // groups, -1).mul_(2.0 / count).addcmul_(
+        mean.view(groups, -1, 1), mean_patch.view(groups, 1, -1), value=-2.0
+    )
+    return mean_patch, var_grad
 
 
 def conv_statistic_gradients(conv_input, conv_output, mean, weight_shape, stride, padding, dilation, groups):
@@ -100,13 +121,9 @@ def conv_statistic_gradients(conv_input, conv_output, mean, weight_shape, stride
     ``(2/M) conv2d_weight(input, x) - 2 mean_c * mean patch``, with the conv output itself as the
     ``grad_output`` (no centred copy of the activation).
     """
-    n, c_out, h, w = conv_output.shape
-    mean_patch = mean_input_patch(conv_input, weight_shape[2:], stride, padding, dilation)
-    var_grad = conv2d_weight(conv_input, weight_shape, conv_output, stride, padding, dilation, groups).contiguous()
-    var_grad.view(groups, c_out // groups, -1).mul_(2.0 / (n * h * w)).addcmul_(
-        mean.view(groups, -1, 1), mean_patch.view(groups, 1, -1), value=-2.0
-    )
-    return mean_patch, var_grad
+    patch_sum, count = input_patch_sum(conv_input, weight_shape[2:], stride, padding, dilation)
+    weight_grad_sum = conv2d_weight(conv_input, weight_shape, conv_output, stride, padding, dilation, groups)
+    return statistic_gradients_from_sums(patch_sum, weight_grad_sum, count, mean, groups)
 
 
 def _mean_patch_dot_weight(mean_patch, weight, groups):
@@ -156,13 +173,14 @@ class _CrossIterationBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, past_mean, past_var, past_valid, eps):
+    def forward(ctx, x, weight, bias, mean, var, past_mean, past_var, past_valid, eps, reduce, samples):
         dtype = mean.dtype
         pooled_mean, pooled_var, count = pooled_statistics(mean, var, past_mean, past_var, past_valid)
         gamma = torch.ones_like(mean) if weight is None else weight.to(dtype)
         beta = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, gamma, pooled_mean, pooled_var, count)
         ctx.eps = eps
+        ctx.reduce, ctx.samples = reduce, samples  # None and M, or a group's sum and its M
         ctx.affine_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return F.batch_norm(x, pooled_mean, pooled_var, gamma, beta, False, 0.0, eps)
 
@@ -170,25 +188,30 @@ class _CrossIterationBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, gamma, pooled_mean, pooled_var, count = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.affine_dtypes
-        _, sum_g_x_hat, sum_g = batch_norm_backward_reductions(
-            grad_y, x, gamma, pooled_mean, pooled_var, ctx.eps, input_grad=False)
+        if x.numel() == 0:  # a process without values still takes part in the reduction
+            sum_g_x_hat, sum_g = torch.zeros_like(pooled_mean), torch.zeros_like(pooled_mean)
+        else:
+            _, sum_g_x_hat, sum_g = batch_norm_backward_reductions(
+                grad_y, x, gamma, pooled_mean, pooled_var, ctx.eps, input_grad=False)
+        total_g_x_hat, total_g = (sum_g_x_hat, sum_g) if ctx.reduce is None else ctx.reduce(sum_g_x_hat, sum_g)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             inv_std = torch.rsqrt(pooled_var + ctx.eps)
             scale = gamma * inv_std
-            per_entry = scale / (count * (x.numel() // x.shape[1]))
-            slope = -per_entry * inv_std * sum_g_x_hat
-            offset = -per_entry * sum_g - slope * pooled_mean
+            per_entry = scale / (count * ctx.samples)
+            slope = -per_entry * inv_std * total_g_x_hat
+            offset = -per_entry * total_g - slope * pooled_mean
             grad_x = torch.addcmul(per_channel(offset), x, per_channel(slope))
             grad_x = grad_x.addcmul_(grad_y, per_channel(scale)).to(x.dtype)
         if weight_dtype is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_g_x_hat.to(weight_dtype)
         if bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = sum_g.to(bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-def cross_iteration_batch_norm(x, weight, bias, mean, var, past_mean, past_var, past_valid, eps):
+def cross_iteration_batch_norm(x, weight, bias, mean, var, past_mean, past_var, past_valid, eps, reduce=None,
+                               samples=None):
     """Functional core of CBN's training forward.
 
     Args:
@@ -198,13 +221,17 @@ def cross_iteration_batch_norm(x, weight, bias, mean, var, past_mean, past_var, 
         past_mean, past_var: (L, C) compensated statistics of past iterations (constants).
         past_valid: (L, C) bool, which past entries each channel pools.
         eps: added to the pooled variance inside the square root.
+        reduce: None, or ``(sum_a, sum_b) -> (sum_a, sum_b)`` summing the backward's per-channel batch
+            sums over a process group (then ``mean``/``var`` must be the group's statistics).
+        samples: M, the values per channel that ``mean``/``var`` are taken over (default: those of ``x``).
 
     Per channel, the pooled mean and variance are those of the union of ``1 + sum(past_valid)``
     equal-weight entries (the current batch and the valid past ones); the gradient reaches ``x``
     through the current batch's statistics only.
     """
+    samples = x.numel() // x.shape[1] if samples is None else samples
     return _CrossIterationBatchNormFunction.apply(
-        x, weight, bias, mean, var, past_mean, past_var, past_valid, eps
+        x, weight, bias, mean, var, past_mean, past_var, past_valid, eps, reduce, samples
     )
 
 
@@ -321,14 +348,15 @@ class CrossIterationBatchNorm2d(BatchNormStatistics, nn.BatchNorm2d):
     # ------------------------------------------------------------------ forward
     def forward(self, x):
         conv_call, self._conv_call = self._conv_call, None  # never keep the conv input alive
-        if not (self.training and torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0:
+        if not (self.training and torch.is_grad_enabled() and x.requires_grad) or (
+                x.numel() == 0 and not self.synchronized):
             return self._batch_norm(x)
         refuse_recomputation(self)
         pools = self.pools_window()
         self._iterations += 1
         self.train_iterations.add_(1)
-        if not pools:
-            return self._batch_norm(x)
+        if not pools:  # burn-in: BN (over the process group when synchronized)
+            return self._batch_norm(x) if not self.synchronized else self._pooled_forward(x, None, None)
         if conv_call is None:
             if self._bound_conv() is None:
                 raise RuntimeError(
@@ -364,29 +392,54 @@ class CrossIterationBatchNorm2d(BatchNormStatistics, nn.BatchNorm2d):
         return self._compensated_history(weight, conv.groups)
 
     def _pooled_forward(self, x, conv, conv_input):
-        samples = x.numel() // x.shape[1]
-        if samples == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
-            )
+        """The training forward with the window (``conv`` given) or, without ``conv``, with the
+        current batch alone (a synchronised layer's burn-in)."""
         dtype = statistics_dtype(x)
         device = x.device.type  # "meta" has no autocast
         no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else None
         with torch.no_grad(), no_autocast or nullcontext():
             xs = x.detach().to(dtype)
-            # Two passes (mean, then the centred second moment): exact like torch.var_mean and,
-            # over (N, H, W) of an NCHW tensor on CPU, several times faster than its one-pass kernel.
-            mean = xs.mean(dim=REDUCE_DIMS)
-            var = (xs - per_channel(mean)).square_().mean(dim=REDUCE_DIMS)
-            weight = conv.weight.detach().to(dtype)
-            past_mean, past_var, past_valid = self._compensated_history(weight, conv.groups)
+            mean, var, samples = self._batch_statistics(xs)
             finite = all_finite(mean, var)
-            self._push_history(conv, conv_input.detach().to(dtype), xs, mean, var, weight, finite)
+            if conv is None:
+                past_mean = past_var = mean.new_zeros(0, self.num_features)
+                past_valid = past_mean.bool()
+            else:
+                weight = conv.weight.detach().to(dtype)
+                past_mean, past_var, past_valid = self._compensated_history(weight, conv.groups)
+                mean_grad, var_grad = self._statistic_gradients(conv, conv_input.detach().to(dtype), xs, mean)
+                self._push_history(conv.groups, mean_grad, var_grad, mean, var, weight, finite)
             self._update_running_stats(mean, var * (samples / (samples - 1)), finite)
             self.nonfinite_skips.add_((~finite).long())
         return cross_iteration_batch_norm(
-            x, self.weight, self.bias, mean, var, past_mean, past_var, past_valid, self.eps
+            x, self.weight, self.bias, mean, var, past_mean, past_var, past_valid, self.eps,
+            self._backward_reduction(), samples,
         )
+
+    # Statistics over this process only; SyncCrossIterationBatchNorm2d reduces them over a group.
+    synchronized = False
+
+    def _batch_statistics(self, xs):
+        """``(mean, biased variance, M)`` of ``xs`` over its M = N H W values per channel."""
+        samples = xs.numel() // xs.shape[1]
+        if samples == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(xs.shape)}"
+            )
+        # Two passes (mean, then the centred second moment): exact like torch.var_mean and,
+        # over (N, H, W) of an NCHW tensor on CPU, several times faster than its one-pass kernel.
+        mean = xs.mean(dim=REDUCE_DIMS)
+        var = (xs - per_channel(mean)).square_().mean(dim=REDUCE_DIMS)
+        return mean, var, samples
+
+    def _statistic_gradients(self, conv, conv_input, conv_output, mean):
+        """d mean/dW and d var/dW of this batch (:func:`conv_statistic_gradients`)."""
+        return conv_statistic_gradients(conv_input, conv_output, mean, conv.weight.shape, conv.stride, conv.padding,
+                                        conv.dilation, conv.groups)
+
+    def _backward_reduction(self):
+        """None: the backward's batch sums are this process's."""
+        return None
 
     def _compensated_history(self, weight, groups):
         """Past statistics moved to ``weight`` (the Taylor step of the module docstring) and their
@@ -404,18 +457,15 @@ class CrossIterationBatchNorm2d(BatchNormStatistics, nn.BatchNorm2d):
         filled = torch.arange(self.window - 1, device=mean.device) < self.history_length
         return mean, var, filled[:, None] & (var >= 0)
 
-    def _push_history(self, conv, conv_input, conv_output, mean, var, weight, finite):
+    def _push_history(self, groups, mean_grad, var_grad, mean, var, weight, finite):
         """Write the current iteration into the ring buffer (stored as the module docstring describes)
         if ``finite`` (a 0-dim bool tensor); otherwise the slot keeps its value and the ring does not move."""
-        mean_grad, var_grad = conv_statistic_gradients(
-            conv_input, conv_output, mean, weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups
-        )
         entry = {
             "history_mean": mean,
             "history_var": var,
             "history_mean_grad": mean_grad,
             "history_var_grad": var_grad.flatten(1),
-            "history_mean_grad_dot_weight": _mean_patch_dot_weight(mean_grad[None], weight, conv.groups)[0],
+            "history_mean_grad_dot_weight": _mean_patch_dot_weight(mean_grad[None], weight, groups)[0],
             "history_var_grad_dot_weight": _weight_grad_dot_weight(var_grad[None], weight)[0],
         }
         slot = self.history_next.view(1)

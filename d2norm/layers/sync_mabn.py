@@ -12,13 +12,11 @@ Every process must run the same training forwards and backwards (a collective pe
 direction), as for ``torch.nn.SyncBatchNorm``; a process whose batch is empty still calls the layer
 and must backpropagate through its (empty) output.
 """
-import os
-
 import torch
-import torch.distributed as dist
 
 from .mabn import MovingAverageBatchNorm2d
 from .per_channel import REDUCE_DIMS, statistics_dtype
+from .process_group import sum_over_group
 
 __all__ = ["SyncMovingAverageBatchNorm2d"]
 
@@ -42,24 +40,9 @@ class SyncMovingAverageBatchNorm2d(MovingAverageBatchNorm2d):
         super().__init__(num_features, buffer_size, warmup_iters, renorm_free_iters, rmax, ema_decay, eps, affine)
         self.process_group = process_group
 
-    def _group_size(self):
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size(self.process_group)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError(
-                "SyncMovingAverageBatchNorm2d (SyncMABN) needs an initialised torch.distributed process "
-                f"group: WORLD_SIZE is {os.environ['WORLD_SIZE']} but torch.distributed is not initialised. "
-                "Initialise it (detectron2's launch does) or use MABN for per-process statistics."
-            )
-        return 1
-
     def _sum_over_group(self, sums, count):
         """``(sums, count)`` summed over the group in one all-reduce."""
-        if self._group_size() == 1:
-            return sums, count
-        packed = torch.cat([sums, count.reshape(1)])
-        dist.all_reduce(packed, group=self.process_group)
-        return packed[:-1], packed[-1]
+        return tuple(sum_over_group([sums, count], self.process_group, self))
 
     def _batch_second_moment(self, x):
         xs = x.to(statistics_dtype(x))

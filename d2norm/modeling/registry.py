@@ -25,6 +25,7 @@ from ..layers import (
     CrossIterationBatchNorm2d,
     MovingAverageBatchNorm2d,
     PreciseBatchNorm2d,
+    SyncCrossIterationBatchNorm2d,
     SyncMovingAverageBatchNorm2d,
 )
 
@@ -151,6 +152,7 @@ def install():
 
 
 register_norm("CBN", CrossIterationBatchNorm2d, cbn_settings)
+register_norm("SyncCBN", SyncCrossIterationBatchNorm2d, cbn_settings)
 register_norm("MABN", MovingAverageBatchNorm2d, mabn_settings)
 register_norm("SyncMABN", SyncMovingAverageBatchNorm2d, mabn_settings)
 register_norm("PreciseBN", PreciseBatchNorm2d)
