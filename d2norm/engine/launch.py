@@ -1,12 +1,17 @@
-"""Multi-process training without GPUs (gloo), next to detectron2's GPU launcher.
+"""Multi-process training: cluster launchers (torchrun, SLURM), and CPU processes next to
+detectron2's GPU launcher.
 
-Detectron2's ``launch`` asserts CUDA and uses NCCL, and its ``create_ddp_model`` passes
+A process started by ``torchrun`` or ``srun`` (:mod:`d2norm.engine.cluster_env`) joins the job's
+process group itself (NCCL with CUDA, else gloo) and runs the trainer; nothing is spawned and
+``--num-gpus``/``--num-machines`` are not needed. Otherwise detectron2's ``launch`` spawns one
+process per GPU; it asserts CUDA and uses NCCL, and its ``create_ddp_model`` passes
 ``device_ids=[local_rank]``, which DDP rejects for CPU modules. On a machine without CUDA,
 :func:`launch` spawns the workers itself with the gloo backend and :func:`cpu_ddp_compatible`
 makes the trainer wrap CPU models without ``device_ids``. On GPU machines both defer to detectron2.
 """
 import contextlib
 import logging
+import os
 import socket
 from datetime import timedelta
 
@@ -18,8 +23,9 @@ from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
 from .._compat import set_local_process_group
+from .cluster_env import cluster_process
 
-__all__ = ["launch", "cpu_ddp_compatible", "free_port"]
+__all__ = ["launch", "cpu_ddp_compatible", "free_port", "join_cluster_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +34,15 @@ def launch(main_func, num_processes, num_machines=1, machine_rank=0, dist_url=No
            timeout=timedelta(minutes=30)):
     """Run ``main_func(*args)`` in ``num_processes`` processes per machine.
 
-    With CUDA this is detectron2's ``launch`` (one process per GPU, NCCL). Without CUDA, the
-    processes run on the CPU and communicate through gloo; ``dist_url="auto"`` picks a free port.
+    Under torchrun or SLURM with several processes this process is one of the job's: it joins them
+    (:func:`join_cluster_job`). A single task (``srun -n 1 ... --num-gpus 8``) launches as below.
+    Otherwise, with CUDA this is detectron2's ``launch`` (one process per GPU, NCCL); without CUDA,
+    the processes run on the CPU and communicate through gloo; ``dist_url="auto"`` picks a free port.
     """
+    process = cluster_process()
+    if process is not None and process.world_size > 1:
+        join_cluster_job(process, main_func, args, timeout, requested=num_processes * num_machines)
+        return
     if torch.cuda.is_available():
         d2_launch(main_func, num_processes, num_machines, machine_rank, dist_url, args=args, timeout=timeout)
         return
@@ -50,6 +62,31 @@ def launch(main_func, num_processes, num_machines=1, machine_rank=0, dist_url=No
         daemon=False,
         start_method="spawn",
     )
+
+
+def join_cluster_job(process, main_func, args=(), timeout=timedelta(minutes=30), requested=1):
+    """Run ``main_func(*args)`` as ``process`` (a :class:`~d2norm.engine.cluster_env.ClusterProcess`)
+    of a job of several processes: the process group through ``env://`` at the job's master address (NCCL on this
+    process's GPU with CUDA, else gloo) and detectron2's per-machine group."""
+    if requested not in (1, process.world_size):
+        logger.warning(f"{process.launcher} started {process.world_size} processes; --num-gpus x --num-machines "
+                       f"= {requested} is ignored")
+    logger.info(f"Started by {process.launcher}: rank {process.rank} of {process.world_size} (local rank "
+                f"{process.local_rank} of {process.local_world_size}), rendezvous at "
+                f"{process.master_addr}:{process.master_port}")
+    os.environ.setdefault("MASTER_ADDR", process.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(process.master_port))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(process.local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", world_size=process.world_size,
+                            rank=process.rank, timeout=timeout)
+    set_local_process_group(process.local_world_size, process.machine_rank)
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
 
 
 def free_port():
