@@ -11,7 +11,7 @@ DEMO_OUTPUT ?= output/demo/$(basename $(notdir $(DEMO_CONFIG)))
 # Config overrides for `make demo`, e.g. ARGS="SOLVER.MAX_ITER 100 SEED 1".
 ARGS ?=
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ test-slow: setup
 
 bench: setup
 	$(PY) tools/benchmark_norm.py
+
+# Run first on a GPU machine: every layer on CUDA against CPU float64, AMP, channels_last,
+# torch.compile, no host syncs, a DDP step (`--device cpu` runs the same checks in `make test`).
+gpu-check: setup
+	$(PY) -m d2norm.selftest --device cuda
 
 clean:
 	rm -rf $(VENV) output

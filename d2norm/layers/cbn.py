@@ -352,8 +352,7 @@ class CrossIterationBatchNorm2d(BatchNormStatistics, nn.BatchNorm2d):
                 x.numel() == 0 and not self.synchronized):
             return self._batch_norm(x)
         refuse_recomputation(self)
-        pools = self.pools_window()
-        self._iterations += 1
+        pools = self._count_iteration()
         self.train_iterations.add_(1)
         if not pools:  # burn-in: BN (over the process group when synchronized)
             return self._batch_norm(x) if not self.synchronized else self._pooled_forward(x, None, None)
@@ -375,6 +374,14 @@ class CrossIterationBatchNorm2d(BatchNormStatistics, nn.BatchNorm2d):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
         return batch_norm_keeping_finite_statistics(self, x, weight, bias)
+
+    @torch.compiler.disable
+    def _count_iteration(self):
+        """Advance the host-side counter; whether this iteration pools. Never compiled: torch.compile
+        would specialise on the counter and recompile at every iteration."""
+        pools = self.pools_window()
+        self._iterations += 1
+        return pools
 
     def pools_window(self):
         """Whether the next training iteration pools the window (burn-in over and ``window > 1``)."""
