@@ -14,6 +14,7 @@ from d2norm.engine.third_party_warnings import silence_third_party_warnings
 silence_third_party_warnings()  # this process's own: before detectron2's import-time warnings
 
 import logging
+import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -26,6 +27,7 @@ from detectron2.utils import comm
 from d2norm import lazy, recalibrate
 from d2norm.engine.evaluation import fast_coco_eval_available
 from d2norm.engine.launch import launch
+from d2norm.engine.preemption import REQUEUE_EXIT_CODE, CheckpointOnSignal, Preempted, request_requeue
 
 logger = logging.getLogger("d2norm")
 
@@ -73,10 +75,17 @@ def do_train(args, cfg):
         hooks.EvalHook(cfg.train.eval_period, test_and_keep),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if comm.is_main_process() else None,
+        CheckpointOnSignal(checkpointer),  # last: SIGTERM/SIGUSR1 -> one checkpoint, exit to be requeued
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except Preempted as stop:
+        logging.getLogger("d2norm").warning(f"Preempted: {stop}. Resume with --resume.")
+        if comm.is_main_process() and request_requeue():
+            logging.getLogger("d2norm").warning("Asked SLURM to requeue the job.")
+        sys.exit(REQUEUE_EXIT_CODE)
     return results.get("last")
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import weakref
 
 import torch
@@ -31,6 +32,7 @@ from d2norm.engine.hooks import build_norm_hooks, recalibration_loader
 from d2norm.engine.launch import cpu_ddp_compatible, launch
 from d2norm.engine.nonfinite_report import ReportNonFiniteSkips
 from d2norm.engine.output_lock import output_dir_lock
+from d2norm.engine.preemption import REQUEUE_EXIT_CODE, CheckpointOnSignal, Preempted, request_requeue
 from d2norm.engine.solver import build_optimizer
 from d2norm.modeling.build import build_model
 
@@ -86,7 +88,8 @@ class Trainer(DefaultTrainer):
             len(hook_list),
         )
         norm_hooks.append(ReportNonFiniteSkips(self.model))
-        return hook_list[:first_after] + norm_hooks + hook_list[first_after:]
+        # Last, so that a preemption checkpoint follows everything the other hooks did in the iteration.
+        return hook_list[:first_after] + norm_hooks + hook_list[first_after:] + [CheckpointOnSignal(self.checkpointer)]
 
 
 def load_config(args):
@@ -146,7 +149,13 @@ def main(args):
         cfg = setup(args)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        trainer.train()
+        try:
+            trainer.train()
+        except Preempted as stop:
+            logging.getLogger("d2norm").warning(f"Preempted: {stop}. Resume with --resume.")
+            if comm.is_main_process() and request_requeue():
+                logging.getLogger("d2norm").warning("Asked SLURM to requeue the job.")
+            sys.exit(REQUEUE_EXIT_CODE)
     return save_evaluation(cfg, getattr(trainer, "_last_eval_results", None))  # set by the final evaluation
 
 

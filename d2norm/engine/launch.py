@@ -12,7 +12,9 @@ makes the trainer wrap CPU models without ``device_ids``. On GPU machines both d
 import contextlib
 import logging
 import os
+import signal
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -24,6 +26,7 @@ from detectron2.utils import comm
 
 from .._compat import set_local_process_group
 from .cluster_env import cluster_process
+from .preemption import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
 
 __all__ = ["launch", "cpu_ddp_compatible", "free_port", "join_cluster_job"]
 
@@ -55,13 +58,38 @@ def launch(main_func, num_processes, num_machines=1, machine_rank=0, dist_url=No
             raise ValueError("--dist-url auto works for one machine only; give tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{free_port()}"
     logger.info(f"No CUDA: launching {num_processes} CPU processes with the gloo backend ({dist_url})")
-    mp.start_processes(
+    context = mp.start_processes(
         _cpu_worker,
         nprocs=num_processes,
         args=(main_func, world_size, num_processes, machine_rank, dist_url, args, timeout),
         daemon=False,
         start_method="spawn",
+        join=False,
     )
+    _join_forwarding_preemption(context)
+
+
+def _join_forwarding_preemption(context):
+    """Wait for the workers; a preemption signal sent to this launcher goes on to them, and workers
+    that stopped to be requeued (:data:`~d2norm.engine.preemption.REQUEUE_EXIT_CODE`) make it exit so."""
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in PREEMPTION_SIGNALS}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as error:
+        if error.exit_code != REQUEUE_EXIT_CODE:
+            raise
+        for process in context.processes:
+            process.join()
+        sys.exit(REQUEUE_EXIT_CODE)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def join_cluster_job(process, main_func, args=(), timeout=timedelta(minutes=30), requested=1):
