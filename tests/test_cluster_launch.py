@@ -93,7 +93,13 @@ def test_a_single_slurm_task_launches_its_own_processes(monkeypatch):
     monkeypatch.setattr(launch_module, "cluster_process", lambda: ClusterProcess("slurm", 0, 1, 0, 1, "h", 1))
     joined, spawned = [], []
     monkeypatch.setattr(launch_module, "join_cluster_job", lambda *a, **k: joined.append(a))
-    monkeypatch.setattr(launch_module.mp, "start_processes", lambda *a, **k: spawned.append(k["nprocs"]))
+    class Workers:  # what mp.start_processes(join=False) returns, for workers that have finished
+        processes = []
+
+        def join(self):
+            return True
+
+    monkeypatch.setattr(launch_module.mp, "start_processes", lambda *a, **k: spawned.append(k["nprocs"]) or Workers())
     monkeypatch.setattr(launch_module.torch.cuda, "is_available", lambda: False)
     launch_module.launch(print, 2, dist_url="auto")
     assert not joined and spawned == [2]
