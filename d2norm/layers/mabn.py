@@ -63,13 +63,15 @@ class _MovingAverageNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, var, r, gain, zero_mean = ctx.saved_tensors
         buffer_gz = ctx.buffer_gz
-        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=var.dtype, device=var.device)
+        count = x.numel() // x.shape[1]
         if x.numel() == 0:  # a rank without values still takes part in the reduction
             grad_x, sum_grad_z, sum_grad = torch.zeros_like(x), torch.zeros_like(var), torch.zeros_like(var)
         else:
             grad_x, sum_grad_z, sum_grad = batch_norm_backward_reductions(
                 grad_out, x, gain, zero_mean, var, ctx.eps, input_grad=True)
-        total_grad_z, count = (sum_grad_z, count) if ctx.reduce is None else ctx.reduce(sum_grad_z, count)
+        total_grad_z = sum_grad_z  # Ψ's sum: this process's, or the group's (parameter gradients stay local)
+        if ctx.reduce is not None:  # a tensor count only where it is reduced
+            total_grad_z, count = ctx.reduce(sum_grad_z, torch.tensor(float(count), dtype=var.dtype, device=var.device))
         psi = gain * total_grad_z / count
         previous = buffer_gz.index_select(0, ctx.slot)[0]
         stored = torch.where(psi.isfinite() & ctx.advanced, psi.to(buffer_gz.dtype), previous)
