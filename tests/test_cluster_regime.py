@@ -57,8 +57,10 @@ def test_the_gate_study_files_compare_per_worker_with_synced_bn_on_8_workers():
         study = read_study(REPO / "benchmarks" / "cluster_regime" / f"{arm}.yaml")
         assert study.cells and {c.arm for c in study.cells} == {arm} and {c.workers for c in study.cells} == {8}
         variants = {c.variant.name: c.variant for c in study.cells}
-        assert variants[study.gap["per_worker"]].overrides["MODEL.FPN.NORM"] == "BN"
-        assert variants[study.gap["synced"]].overrides["MODEL.FPN.NORM"] == "naiveSyncBN_N"
+        trained = {role: variants[variants[study.gap[role]].evaluate or study.gap[role]]
+                   for role in ("per_worker", "synced")}
+        assert trained["per_worker"].overrides["MODEL.FPN.NORM"] == "BN"
+        assert trained["synced"].overrides["MODEL.FPN.NORM"] == "naiveSyncBN_N"
         assert len({c.seed for c in study.cells}) >= 3
         # fine-tuning keeps the trunk's frozen statistics: the norm under study is FPN and heads only
         assert ("MODEL.RESNETS.NORM" in variants["BN"].overrides) == (arm == "scratch")
@@ -123,6 +125,18 @@ def test_the_pretrained_trunk_loads_into_the_finetune_detector_as_frozen_bn(tmp_
     assert all(p.requires_grad for p in resnet.res3.parameters())
 
 
+def test_the_finetune_gate_is_paired_over_5_seeds_on_the_500_image_split():
+    """The design fixed after the unpaired 3-seed gate at 1000 iterations failed: the same trained
+    cells, re-evaluated on 500 validation images, 5 seeds, paired by seed."""
+    study = read_study(REPO / "benchmarks" / "cluster_regime" / "finetune.yaml")
+    variants = {c.variant.name: c.variant for c in study.cells}
+    assert study.gap["gate"] == "paired" and {c.seed for c in study.cells} == {1, 2, 3, 4, 5}
+    for role in ("per_worker", "synced"):
+        evaluation = variants[study.gap[role]]
+        assert evaluation.evaluate in variants and not evaluation.recalibrate
+        assert evaluation.overrides == {"DATASETS.TEST": ["d2norm_shapes_val500"]}
+
+
 def test_the_finetune_matrix_reuses_the_gate_cells_and_adds_the_cbn_papers_baselines():
     gate = read_study(REPO / "benchmarks" / "cluster_regime" / "finetune.yaml")
     matrix = read_study(REPO / "benchmarks" / "cluster_regime" / "finetune_matrix.yaml")
@@ -131,6 +145,6 @@ def test_the_finetune_matrix_reuses_the_gate_cells_and_adds_the_cbn_papers_basel
         same = cells[(cell.variant.name, cell.seed)]
         assert (same.config, same.variant.overrides, same.workers) == (cell.config, cell.variant.overrides, 8)
     variants = {c.variant.name: c.variant for c in matrix.cells}
-    assert {"none", "GN", "CBN", "naiveCBN", "BN+PreciseBN"} <= set(variants)
+    assert {"none", "GN", "CBN", "naiveCBN", "BN+PreciseBN@val500"} <= set(variants)
     assert variants["naiveCBN"].overrides["D2NORM.CBN.RHO"] == 0.0
     assert variants["none"].overrides["MODEL.FPN.NORM"] == ""

@@ -21,6 +21,7 @@ from d2norm.data import (
     SHAPES_DEMO_VAL,
     SHAPES_TRAIN,
     SHAPES_VAL,
+    SHAPES_VAL500,
     STUDY,
     default_shapes_root,
     ensure_shapes_split,
@@ -201,7 +202,7 @@ def restore_default_registration():
 def test_import_registers_default_splits_lazily_and_reregistering_replaces(
     tmp_path, monkeypatch, restore_default_registration
 ):
-    for name in (SHAPES_TRAIN, SHAPES_VAL):
+    for name in (SHAPES_TRAIN, SHAPES_VAL, SHAPES_VAL500):
         assert name in DatasetCatalog.list()
         assert MetadataCatalog.get(name).json_file.startswith(str(default_shapes_root()))
     monkeypatch.setenv("D2NORM_DATASETS", str(tmp_path / "elsewhere"))
@@ -217,6 +218,7 @@ def test_import_registers_default_splits_lazily_and_reregistering_replaces(
     records = DatasetCatalog.get(SHAPES_VAL)
     assert len(records) == 2 and all(r["file_name"].startswith(str(root / "val")) for r in records)
     assert not (root / "train").exists()  # only the requested split was generated
+    assert MetadataCatalog.get(SHAPES_VAL500).json_file == str(root / "val500" / "instances.json")
     assert len(DatasetCatalog.get(SHAPES_TRAIN)) == 3
 
 

@@ -6,6 +6,7 @@ that resuming, skipping, failures and evaluation variants are checked without tr
 ``--eval-only`` recalibration path of the real ``train_net.py`` is checked on a tiny detector.
 """
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -22,8 +23,10 @@ from d2norm.study import (
     StudyFileError,
     StudyRunner,
     aggregate,
+    gap_fractions,
     load_study,
     markdown_table,
+    read_study,
     write_report,
 )
 from d2norm.study.__main__ import parse_args
@@ -227,8 +230,43 @@ def _gate_records(per_worker, synced):
 def test_the_gate_needs_synced_bn_ahead_by_more_than_twice_the_seed_spread(per_worker, synced, verdict):
     table = markdown_table(aggregate(_gate_records(per_worker, synced)), {"per_worker": "BN", "synced": "SyncBN"})
     gap = sum(synced) / len(synced) - sum(per_worker) / len(per_worker)
-    assert f"- c, box AP: gap SyncBN − BN = {gap:+.1f}" in table
+    assert f"- c, box AP: gap SyncBN − BN = {gap:+.1f} over {len(synced)} seeds" in table
     assert f"; {verdict}." in table
+
+
+@pytest.mark.parametrize("per_worker, synced, verdict", [
+    # seeds differ by 3 AP, SyncBN ahead by 1.0 ± 0.1 on each: the spread rule cannot see it, pairing can
+    ([10.0, 13.0, 16.0], [11.1, 13.9, 17.0], "larger: the regime shows the problem (SyncBN ahead)"),
+    ([10.0, 13.0, 16.0], [12.0, 12.0, 17.0], "not larger"),  # differences +2, -1, +1: mean 0.67, 2 se 1.76
+    ([10.0], [12.0], "not decided: a paired gate needs at least 2 seeds of both"),
+])
+def test_the_paired_gate_compares_the_mean_per_seed_difference_with_twice_its_standard_error(
+        per_worker, synced, verdict):
+    gap = {"per_worker": "BN", "synced": "SyncBN", "gate": "paired"}
+    summary = aggregate(_gate_records(per_worker, synced))
+    gate = gap_fractions(summary, gap)["c"]["box"]
+    differences = [s - p for s, p in zip(synced, per_worker)]
+    assert gate.size == pytest.approx(sum(differences) / len(differences))
+    if len(differences) > 1:
+        sd = statistics.stdev(differences)
+        assert gate.threshold == pytest.approx(2 * sd / len(differences) ** 0.5)
+    table = markdown_table(summary, gap)
+    assert f"- c, box AP: mean per-seed gap SyncBN − BN = {gate.size:+.1f} over {len(differences)} seeds; " \
+           f"twice its standard error = {gate.threshold:.1f}; {verdict}." in table
+
+
+def test_the_paired_gate_pairs_only_the_seeds_both_variants_have():
+    records = _gate_records([10.0, 13.0, 16.0], [11.0, 14.0])  # SyncBN seed 3 not finished
+    gate = gap_fractions(aggregate(records), {"per_worker": "BN", "synced": "SyncBN", "gate": "paired"})["c"]["box"]
+    assert gate.seeds == 2 and gate.size == pytest.approx(1.0) and gate.threshold == pytest.approx(0.0)
+
+
+def test_a_study_file_names_an_unknown_gate_rule(tmp_path):
+    path = tmp_path / "gate.yaml"
+    path.write_text("configs: [c.yaml]\nseeds: [1]\nvariants: {BN: {norm: BN}, S: {norm: SyncBN}}\n"
+                    "gap: {per_worker: BN, synced: S, gate: t-test}\n")
+    with pytest.raises(StudyFileError, match=r"gate.yaml: 'gap.gate' = 't-test' must be one of \['spread', 'paired'\]"):
+        read_study(path)
 
 
 def test_cli_takes_trailing_overrides_and_rejects_unknown_flags(capsys):

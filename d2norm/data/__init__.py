@@ -1,15 +1,16 @@
 """Built-in dataset: procedurally generated shapes for instance segmentation, no download needed.
 
-Importing this package registers the COCO-format splits ``d2norm_shapes_train`` (512 images) and
-``d2norm_shapes_val`` (100 images) of 128-pixel images under :func:`default_shapes_root`, and the
-easier splits of the demo, ``d2norm_shapes_demo_train`` (1000 images) and ``d2norm_shapes_demo_val``
-(100 images); the files are generated on first use and regenerated when the cache is corrupt.
+Importing this package registers the COCO-format splits ``d2norm_shapes_train`` (512 images),
+``d2norm_shapes_val`` (100 images) and ``d2norm_shapes_val500`` (500 other images) of 128-pixel
+images under :func:`default_shapes_root`, and the easier splits of the demo,
+``d2norm_shapes_demo_train`` (1000 images) and ``d2norm_shapes_demo_val`` (100 images); the files are generated on first use and regenerated when the cache is corrupt.
 """
 from .catalog import (
     SHAPES_DEMO_TRAIN,
     SHAPES_DEMO_VAL,
     SHAPES_TRAIN,
     SHAPES_VAL,
+    SHAPES_VAL500,
     default_shapes_root,
     register_shapes_dataset,
     register_shapes_demo_dataset,
@@ -25,6 +26,7 @@ __all__ = [
     "SHAPES_DEMO_VAL",
     "SHAPES_TRAIN",
     "SHAPES_VAL",
+    "SHAPES_VAL500",
     "SHAPE_CATEGORIES",
     "STUDY",
     "SceneStyle",

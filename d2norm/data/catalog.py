@@ -15,12 +15,13 @@ from .splits import ensure_shapes_split, split_files
 from .styles import DEMO, STUDY, SceneStyle
 
 __all__ = [
-    "SHAPES_TRAIN", "SHAPES_VAL", "SHAPES_DEMO_TRAIN", "SHAPES_DEMO_VAL", "default_shapes_root",
+    "SHAPES_TRAIN", "SHAPES_VAL", "SHAPES_VAL500", "SHAPES_DEMO_TRAIN", "SHAPES_DEMO_VAL", "default_shapes_root",
     "register_shapes_split", "register_shapes_dataset", "register_shapes_demo_dataset",
 ]
 
 SHAPES_TRAIN = "d2norm_shapes_train"
 SHAPES_VAL = "d2norm_shapes_val"
+SHAPES_VAL500 = "d2norm_shapes_val500"
 SHAPES_DEMO_TRAIN = "d2norm_shapes_demo_train"
 SHAPES_DEMO_VAL = "d2norm_shapes_demo_val"
 _CHECKOUT = Path(__file__).resolve().parents[2]
@@ -69,12 +70,19 @@ def register_shapes_dataset(
     image_size: int = 128,
     train_seed: int = 0,
     val_seed: int = 1,
+    val500_seed: int = 4,
 ) -> None:
-    """Register ``d2norm_shapes_train`` and ``d2norm_shapes_val`` under ``root``
-    (default :func:`default_shapes_root`), in its ``train/`` and ``val/`` folders."""
+    """Register ``d2norm_shapes_train``, ``d2norm_shapes_val`` and ``d2norm_shapes_val500`` under
+    ``root`` (default :func:`default_shapes_root`), in its ``train/``, ``val/`` and ``val500/`` folders.
+
+    ``d2norm_shapes_val500`` is a second, independent validation split of 500 images: five times the
+    objects of ``d2norm_shapes_val``, so that a comparison of two variants is less dominated by which
+    images happen to be evaluated.
+    """
     root = Path(root) if root is not None else default_shapes_root()
     register_shapes_split(SHAPES_TRAIN, root / "train", train_images, seed=train_seed, image_size=image_size)
     register_shapes_split(SHAPES_VAL, root / "val", val_images, seed=val_seed, image_size=image_size)
+    register_shapes_split(SHAPES_VAL500, root / "val500", 500, seed=val500_seed, image_size=image_size)
 
 
 def register_shapes_demo_dataset(root=None, train_images: int = 1000, val_images: int = 100) -> None:

@@ -25,7 +25,8 @@ Optional keys of the study file:
   heads when the backbone stays frozen.
 - ``gap``: ``{per_worker: V1, synced: V2}``, two variants whose difference is the problem under study
   (BN on each worker's images vs BN synchronised over all of them); the report gives every variant's
-  place between them.
+  place between them. Optional ``gate: spread`` (default) or ``gate: paired`` is the rule that decides
+  whether the gap exceeds the noise (:class:`d2norm.study.report.Gate`).
 """
 import re
 from dataclasses import dataclass, field
@@ -33,13 +34,15 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["NORM_KEYS", "Cell", "Study", "StudyFileError", "Variant", "load_study", "read_study"]
+__all__ = ["GATE_RULES", "NORM_KEYS", "Cell", "Study", "StudyFileError", "Variant", "load_study", "read_study"]
 
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
              "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM")
 _VARIANT_KEYS = {"norm", "overrides", "evaluate", "recalibrate"}
 _STUDY_KEYS = {"configs", "seeds", "variants"}
 _OPTIONAL_STUDY_KEYS = {"arm", "workers", "norm_keys", "gap"}
+_GAP_KEYS = {"per_worker", "synced", "gate"}
+GATE_RULES = ("spread", "paired")
 
 
 class StudyFileError(ValueError):
@@ -141,8 +144,11 @@ def _optional(path, spec):
         _fail(path, "workers", f"must be an integer >= 1, got {workers!r}")
     if not (norm_keys and isinstance(norm_keys, (list, tuple)) and all(isinstance(k, str) for k in norm_keys)):
         _fail(path, "norm_keys", f"must be a non-empty list of config keys, got {norm_keys!r}")
-    if gap is not None and (not isinstance(gap, dict) or set(gap) != {"per_worker", "synced"}):
-        _fail(path, "gap", f"must be a mapping with exactly the keys ['per_worker', 'synced'], got {gap!r}")
+    if gap is not None and (not isinstance(gap, dict) or not {"per_worker", "synced"} <= set(gap) <= _GAP_KEYS):
+        _fail(path, "gap", f"must be a mapping with the keys ['per_worker', 'synced'] and optionally 'gate', "
+                           f"got {gap!r}")
+    if gap is not None and gap.get("gate", "spread") not in GATE_RULES:
+        _fail(path, "gap.gate", f"= {gap['gate']!r} must be one of {list(GATE_RULES)}")
     return arm, workers, tuple(norm_keys), gap
 
 
@@ -173,7 +179,7 @@ def read_study(path, only_variants=None, only_seeds=None):
         _fail(path, "variants", "must be a non-empty mapping of variant names to settings")
     variants = {str(name): _variant(path, str(name), v, norm_keys) for name, v in spec["variants"].items()}
     for role, name in (gap or {}).items():
-        if name not in variants:
+        if role != "gate" and name not in variants:
             _fail(path, f"gap.{role}", f"= {name!r} must name a variant: {sorted(variants)}")
     for v in variants.values():
         if not v.trains and (v.evaluate not in variants or not variants[v.evaluate].trains):

@@ -2,21 +2,25 @@
 
 The table has one row per (config, variant): mean and sample standard deviation over seeds of box
 and mask AP, the per-seed values, and the median seconds per iteration. With a study's ``gap``
-(a per-worker and a synced variant), each config also gets the gate (is the gap between them larger
-than twice the larger of their seed spreads?) and every variant its distance from both, as a
-fraction of the gap: 0 is per-worker BN, 1 is synced BN. Plots: final AP per variant with every
+(a per-worker and a synced variant), each config also gets the gate (is synced BN ahead by more
+than the noise: twice the larger seed spread, or, paired by seed, twice the standard error of the
+per-seed differences; :class:`Gate`) and every variant its distance from both, as a fraction of
+the gap: 0 is per-worker BN, 1 is synced BN. Plots: final AP per variant with every
 seed as a point (``final_ap.png``), the training loss against training images seen (``loss.png``;
 images, not iterations, so a 16-image-batch variant lines up with 2-image ones) and, where cells
 evaluated during training, box AP against iteration (``ap_curve.png``).
 """
 import json
+import math
 import statistics
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
+from .matrix import GATE_RULES
 from .metrics import read_metrics
 
-__all__ = ["aggregate", "gap_fractions", "markdown_table", "plot_ap_curve", "plot_final_ap", "plot_loss",
+__all__ = ["Gate", "aggregate", "gap_fractions", "markdown_table", "plot_ap_curve", "plot_final_ap", "plot_loss",
            "write_report"]
 
 
@@ -56,10 +60,54 @@ def _values(values):
     return ", ".join("—" if v is None else f"{v:.1f}" for v in values)
 
 
+@dataclass(frozen=True)
+class Gate:
+    """The gate of one config and task: is synced BN ahead of per-worker BN by more than the noise?
+
+    ``size`` is the gap SyncBN − BN and ``threshold`` the noise it must exceed:
+
+    - rule ``spread``: the difference of the means against twice the larger seed spread (sample
+      standard deviation over seeds) of the two variants;
+    - rule ``paired``: the mean of the per-seed differences (the same seed gives both variants the
+      same data order and head initialisation) against twice its standard error,
+      ``2 sd(d) / sqrt(n)``, over the ``n`` seeds both variants have.
+
+    ``fractions`` places every variant of the config on the gap (0 per-worker, 1 synced, from the
+    means); ``seeds`` is the fewest seeds of the two (``paired``: the seeds they share).
+    """
+
+    rule: str
+    size: float
+    threshold: float
+    fractions: dict
+    seeds: int
+
+    @property
+    def decided(self):
+        return self.seeds >= 2
+
+    @property
+    def passed(self):
+        return self.decided and self.size > self.threshold
+
+
+def _paired(low, high, task):
+    mine = dict(zip(low["seeds"], low[f"{task}_ap"]))
+    differences = [ap - mine[seed] for seed, ap in zip(high["seeds"], high[f"{task}_ap"])
+                   if seed in mine and ap is not None and mine[seed] is not None]
+    if len(differences) < 2:
+        return (statistics.fmean(differences) if differences else 0.0), 0.0, len(differences)
+    return (statistics.fmean(differences), 2 * statistics.stdev(differences) / math.sqrt(len(differences)),
+            len(differences))
+
+
 def gap_fractions(summary, gap):
-    """Per config with both ``gap`` variants: ``{config: {"box"/"mask": (gap, twice the larger seed
-    spread, {variant: fraction of the gap}, fewest seeds of the two)}}``; a fraction is
-    ``(AP - per-worker) / (synced - per-worker)``."""
+    """``{config: {"box"/"mask": Gate}}`` for every config with both variants of ``gap``
+    (``{"per_worker": V1, "synced": V2, "gate": rule}``, rule ``spread`` when absent; see :class:`Gate`);
+    a fraction is ``(AP - per-worker) / (synced - per-worker)`` of the means."""
+    rule = gap.get("gate", "spread")
+    if rule not in GATE_RULES:
+        raise ValueError(f"gap.gate = {rule!r}: the gate rule must be one of {list(GATE_RULES)}")
     out = {}
     for config in dict.fromkeys(c for c, _ in summary):
         low, high = summary.get((config, gap["per_worker"])), summary.get((config, gap["synced"]))
@@ -69,17 +117,25 @@ def gap_fractions(summary, gap):
         for task in ("box", "mask"):
             if low[f"{task}_mean"] is None or high[f"{task}_mean"] is None:
                 continue
-            size = high[f"{task}_mean"] - low[f"{task}_mean"]
-            fractions = {v: (s[f"{task}_mean"] - low[f"{task}_mean"]) / size
-                         for (c, v), s in summary.items() if c == config and s[f"{task}_mean"] is not None and size}
-            seeds = min(len(low["seeds"]), len(high["seeds"]))
-            out[config][task] = (size, 2 * max(low[f"{task}_std"], high[f"{task}_std"]), fractions, seeds)
+            means = high[f"{task}_mean"] - low[f"{task}_mean"]
+            fractions = {v: (s[f"{task}_mean"] - low[f"{task}_mean"]) / means
+                         for (c, v), s in summary.items() if c == config and s[f"{task}_mean"] is not None and means}
+            if rule == "paired":
+                size, threshold, seeds = _paired(low, high, task)
+            else:
+                size, threshold = means, 2 * max(low[f"{task}_std"], high[f"{task}_std"])
+                seeds = min(len(low["seeds"]), len(high["seeds"]))
+            out[config][task] = Gate(rule, size, threshold, fractions, seeds)
     return out
 
 
 def _fraction(gaps, config, task, variant):
-    fractions = gaps.get(config, {}).get(task, (None, None, {}))[2]
-    return "—" if variant not in fractions else f"{fractions[variant] + 0.0:.2f}"
+    gate = gaps.get(config, {}).get(task)
+    return "—" if gate is None or variant not in gate.fractions else f"{gate.fractions[variant] + 0.0:.2f}"
+
+
+_NOISE = {"spread": "twice the larger seed spread", "paired": "twice its standard error"}
+_GAP = {"spread": "gap", "paired": "mean per-seed gap"}
 
 
 def markdown_table(summary, gap=None):
@@ -99,15 +155,17 @@ def markdown_table(summary, gap=None):
         lines.append(row)
     for config, tasks in gaps.items():
         lines.append("")
-        for task, (size, twice_spread, _, seeds) in tasks.items():
-            if seeds < 2:
-                verdict = "not decided: a spread needs at least 2 seeds of each"
-            elif size > twice_spread:
+        for task, gate in tasks.items():
+            if not gate.decided:
+                verdict = ("not decided: a spread needs at least 2 seeds of each" if gate.rule == "spread"
+                           else "not decided: a paired gate needs at least 2 seeds of both")
+            elif gate.passed:
                 verdict = f"larger: the regime shows the problem ({gap['synced']} ahead)"
             else:
                 verdict = "not larger"
-            lines.append(f"- {config}, {task} AP: gap {gap['synced']} − {gap['per_worker']} = {size:+.1f}; "
-                         f"twice the larger seed spread = {twice_spread:.1f}; {verdict}.")
+            lines.append(f"- {config}, {task} AP: {_GAP[gate.rule]} {gap['synced']} − {gap['per_worker']} = "
+                         f"{gate.size:+.1f} over {gate.seeds} seeds; {_NOISE[gate.rule]} = {gate.threshold:.1f}; "
+                         f"{verdict}.")
     if gaps:
         lines.append("")
         lines.append(f"Fraction of gap: (AP − {gap['per_worker']}) / ({gap['synced']} − {gap['per_worker']}) "
