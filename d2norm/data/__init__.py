@@ -3,7 +3,8 @@
 Importing this package registers the COCO-format splits ``d2norm_shapes_train`` (512 images),
 ``d2norm_shapes_val`` (100 images) and ``d2norm_shapes_val500`` (500 other images) of 128-pixel
 images under :func:`default_shapes_root`, and the easier splits of the demo,
-``d2norm_shapes_demo_train`` (1000 images) and ``d2norm_shapes_demo_val`` (100 images); the files are generated on first use and regenerated when the cache is corrupt.
+``d2norm_shapes_demo_train`` (1000 images) and ``d2norm_shapes_demo_val`` (100 images); the files
+are generated on first use and regenerated when the cache is corrupt.
 """
 from .catalog import (
     SHAPES_DEMO_TRAIN,
