@@ -154,6 +154,78 @@ def _train(output_dir, splits, monitor):
     return metrics, trainer.model.state_dict()
 
 
+def _observe_backward(model, x, probe):
+    """One observed training iteration: forward, backward of a fixed random loss, summaries."""
+    with probe.observe():
+        out = model(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype))
+    return probe.summaries()
+
+
+def test_bn_backward_statistics_are_the_terms_of_its_input_gradient():
+    """BN: ∂L/∂x = (∂L/∂ẑ − g − ẑ·ψ)/σ with the measured g = mean ∂L/∂ẑ and ψ = mean ẑ·∂L/∂ẑ."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3, eps=1e-10).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+        bn.bias.copy_(torch.tensor([0.3, -0.2, 1.0]))
+    probe = NormStatsProbe(nn.Sequential(bn), backward_window=2)
+    captured = {}
+    probe.backward.add = lambda name, statistics: captured.update(statistics)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    _observe_backward(nn.Sequential(bn), x, probe)
+    mean, var = x.mean(dim=(0, 2, 3), keepdim=True), x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    z = (x - mean) / torch.sqrt(var + 1e-10)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    grad_z = grad_y * bn.weight.view(1, 3, 1, 1)
+    g, psi = grad_z.mean(dim=(0, 2, 3)), (grad_z * z).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(captured["g"], g.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(captured["psi"], psi.detach(), rtol=1e-9, atol=1e-12)
+    expected = (grad_z - g.view(1, 3, 1, 1) - z * psi.view(1, 3, 1, 1)) / torch.sqrt(var + 1e-10)
+    torch.testing.assert_close(x.grad, expected.detach(), rtol=1e-8, atol=1e-10)
+
+
+def test_mabn_reports_the_moving_average_of_psi_its_backward_used():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    mabn = MovingAverageBatchNorm2d(3, buffer_size=4, warmup_iters=0, renorm_free_iters=0).double()
+    model = prepare_model(nn.Sequential(conv, mabn), example_inputs=(torch.zeros(1, 2, 4, 4, dtype=torch.float64),))
+    probe = NormStatsProbe(model, backward_window=2)
+    reported = []
+    probe.backward.add = lambda name, statistics: reported.append(statistics)
+    for t in range(6):  # past the m = 4 iterations of warm-up into the SMAS
+        x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        _observe_backward(model, x, probe)
+        assert reported[-1]["g"] is None  # no centring, no g term
+        expected = mabn.buffer_gz.mean(dim=0) if t + 1 > 4 else mabn.buffer_gz[(t + 1) % 4]
+        torch.testing.assert_close(reported[-1]["psi"], expected, rtol=1e-10, atol=1e-14)
+
+
+def test_mabn_backward_statistics_spread_less_than_bn_at_batch_2():
+    """The claim MABN rests on (Yan et al. 2020): at batch 2 the batch's backward statistic ψ is
+    noisy across iterations; MABN's moving average over m = 16 iterations is much less so."""
+    spreads = {}
+    for name in ("BN", "MABN"):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        norm = nn.BatchNorm2d(8) if name == "BN" else MovingAverageBatchNorm2d(8, warmup_iters=16,
+                                                                               renorm_free_iters=16)
+        head = nn.Conv2d(8, 4, 1)
+        model = prepare_model(nn.Sequential(conv, norm, nn.ReLU(), head), example_inputs=(torch.zeros(1, 3, 8, 8),))
+        probe = NormStatsProbe(model, backward_window=10)
+        data = torch.Generator().manual_seed(1)
+        for _ in range(30):  # a fixed model: no parameter update; 20 iterations fill MABN's buffers
+            x = torch.randn(2, 3, 8, 8, generator=data) * (1 + torch.rand(1, generator=data))
+            with probe.observe():
+                out = model(x)
+            (out - torch.randn(out.shape, generator=data)).square().mean().backward()  # a regression target per batch
+            scalars = probe.summaries()
+        spreads[name] = scalars["norm_layer/1/backward_psi_spread"], scalars["norm_layer/1/backward_psi"]
+    (bn_spread, bn_rms), (mabn_spread, mabn_rms) = spreads["BN"], spreads["MABN"]
+    assert 0.5 < mabn_rms / bn_rms < 2  # the same scale of ψ ...
+    assert mabn_spread < 0.5 * bn_spread, spreads  # ... far less noise across iterations
+
+
 def test_training_is_identical_with_the_monitor_on_and_off(tiny_splits, tmp_path):  # noqa: F811
     off, off_state = _train(tmp_path / "off", tiny_splits, monitor=False)
     on, on_state = _train(tmp_path / "on", tiny_splits, monitor=True)
@@ -168,3 +240,6 @@ def test_training_is_identical_with_the_monitor_on_and_off(tiny_splits, tmp_path
         assert f"norm/{part}/recalibration_shift" in keys
     assert any(k.startswith("norm_layer/roi_heads.mask_head.") for k in keys)
     assert "norm/backbone/mabn_warmed_up" in keys and "norm/fpn/cbn_pooling" in keys
+    for part in ("backbone", "fpn"):  # MABN in the backbone, CBN in the FPN: measured after the backward
+        assert f"norm/{part}/backward_psi_spread" in keys
+    assert "norm/fpn/backward_g_spread" in keys and "norm/backbone/backward_g" not in keys  # MABN has no g

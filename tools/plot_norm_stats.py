@@ -4,8 +4,11 @@
 Writes, next to metrics.json (or to ``--out-dir``):
 
 - ``norm_stats_parts.png``: one panel per metric (train/test inconsistency, CBN window, MABN
-  renorm, recalibration shift), one curve per model part (backbone, FPN, heads) over iterations;
-- ``norm_stats_layers.png``: heat map of every layer's train/test inconsistency over iterations.
+  renorm, backward statistics, recalibration shift), one curve per model part (backbone, FPN,
+  heads) over iterations;
+- ``norm_stats_layers.png``: heat map of every layer's train/test inconsistency over iterations;
+- ``norm_stats_backward_layers.png``: heat map of every layer's spread of the backward statistic ψ
+  across iterations (``backward_psi_spread``), when the run recorded it.
 
     python tools/plot_norm_stats.py output/demo
 """
@@ -31,8 +34,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def read_norm_metrics(metrics_file):
-    """``(parts, layers)``: ``parts[metric][part]`` and ``layers[name]`` map iteration -> value."""
+LAYER_METRICS = {"inconsistency": ("norm_stats_layers.png", "train/test inconsistency per layer"),
+                 "backward_psi_spread": ("norm_stats_backward_layers.png",
+                                         "spread of the backward statistic ψ across iterations, per layer")}
+
+
+def read_norm_metrics(metrics_file, layer_metric="inconsistency"):
+    """``(parts, layers)``: ``parts[metric][part]`` and ``layers[name]`` (of ``layer_metric``) map
+    iteration -> value."""
     parts = defaultdict(lambda: defaultdict(dict))
     layers = defaultdict(dict)
     for line in Path(metrics_file).read_text().splitlines():
@@ -44,7 +53,7 @@ def read_norm_metrics(metrics_file):
             fields = key.split("/")
             if fields[0] == "norm" and len(fields) == 3:
                 parts[fields[2]][fields[1]][iteration] = value
-            elif fields[0] == "norm_layer" and fields[-1] == "inconsistency":
+            elif fields[0] == "norm_layer" and fields[-1] == layer_metric:
                 layers["/".join(fields[1:-1])][iteration] = value
     return parts, layers
 
@@ -78,7 +87,7 @@ def plot_parts(parts, path):
     plt.close(fig)
 
 
-def plot_layers(layers, path):
+def plot_layers(layers, path, title=LAYER_METRICS["inconsistency"][1]):
     names = list(layers)
     iterations = sorted({i for values in layers.values() for i in values})
     grid = np.full((len(names), len(iterations)), np.nan)
@@ -92,7 +101,7 @@ def plot_layers(layers, path):
     ticks = np.linspace(0, len(iterations) - 1, min(len(iterations), 10)).round().astype(int)
     ax.set_xticks(ticks, [iterations[t] for t in ticks])
     ax.set_xlabel("iteration")
-    ax.set_title("train/test inconsistency per layer")
+    ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -105,7 +114,7 @@ def main(argv=None):
     metrics_file = Path(args.output_dir) / "metrics.json"
     if not metrics_file.is_file():
         raise SystemExit(f"{metrics_file} does not exist: pass the OUTPUT_DIR of a training run.")
-    parts, layers = read_norm_metrics(metrics_file)
+    parts, _ = read_norm_metrics(metrics_file)
     if not parts:
         if monitor_enabled(args.output_dir):  # e.g. the GroupNorm demo: nothing to monitor
             print(f"{args.output_dir}: the model has no BN/CBN/MABN/PreciseBN layer; no norm statistics to plot.")
@@ -117,9 +126,11 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "norm_stats_parts.png"]
     plot_parts(parts, written[0])
-    if layers:
-        written.append(out_dir / "norm_stats_layers.png")
-        plot_layers(layers, written[1])
+    for metric, (name, title) in LAYER_METRICS.items():
+        layers = read_norm_metrics(metrics_file, metric)[1]
+        if layers:
+            written.append(out_dir / name)
+            plot_layers(layers, written[-1], title)
     for path in written:
         print(path)
     return written

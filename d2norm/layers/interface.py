@@ -85,6 +85,15 @@ class NormLayer(abc.ABC):
     def training_statistics(self, x) -> TrainingStatistics:
         """The statistics the next training forward on ``x`` will normalise with; changes no state."""
 
+    def backward_statistics(self, g, psi):
+        """``(g, ψ)`` that the layer's last backward used, given the batch's per-channel
+        ``g = mean ∂L/∂ẑ`` and ``ψ = mean ẑ·∂L/∂ẑ`` over (N, H, W), ẑ the normalised input before
+        γ, β (the backward statistics of Yan et al. 2020, MABN; BN's input gradient is
+        ``(∂L/∂ẑ − g − ẑ·ψ)/σ``). Each is (C,), or None where the backward has no such term.
+        Called after the backward; a layer whose backward differentiates through its batch
+        statistics (BN, PreciseBN, BRN, CBN's current-batch term) used the batch's."""
+        return g, psi
+
     def freeze_statistics(self, frozen: bool):
         """Called by :func:`d2norm.prepare_model` with whether all the layer's parameters are frozen
         (a frozen stage, ``FREEZE_AT``): a layer with no FrozenBatchNorm2d counterpart then uses

@@ -303,6 +303,15 @@ class MovingAverageBatchNorm2d(NormLayer, nn.Module):
         }
         return TrainingStatistics(None, (step.var + self.eps) / step.r.square() - self.eps, metrics)
 
+    @torch.no_grad()
+    def backward_statistics(self, g, psi):
+        """No g (MABN does not centre); ψ the SMAS of ``buffer_gz`` once warm-up is over (Yan et al.
+        2020: the moving average that replaces the batch statistic in backward), else the step's
+        own Ψ as its backward stored it (for SyncMABN, the process group's)."""
+        use_smas, _ = self.schedule(self.iters)
+        current = self.buffer_gz[self.iters % self.buffer_size]
+        return None, torch.where(use_smas, self.buffer_gz.mean(dim=0), current).to(psi.dtype)
+
     def freeze_statistics(self, frozen):
         self.frozen = bool(frozen)
 
