@@ -16,7 +16,7 @@ import torch.nn as nn
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from tool_scripts import load_tool
 
 from d2norm.layers import BatchRenorm2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
@@ -66,11 +66,12 @@ RECIPES = {
 }
 
 
-def _config(path, recipe, arch, weights, freeze_at, norms, cbn=None, precise_bn=None):
-    """One row: ``norms`` maps backbone/fpn/box_head/mask_head/head to a norm name or None."""
+def _config(path, recipe, arch, weights, freeze_at, norms, cbn=None, precise_bn=None, shared_head_norms=False):
+    """One row: ``norms`` maps backbone/fpn/box_head/mask_head/head to a norm name or None;
+    ``shared_head_norms``: one RetinaNet head norm for all FPN levels (else one per level)."""
     return pytest.param(
         dict(path=path, recipe=recipe, arch=arch, weights=weights, freeze_at=freeze_at, norms=norms,
-             cbn=cbn, precise_bn=precise_bn),
+             cbn=cbn, precise_bn=precise_bn, shared_head_norms=shared_head_norms),
         id=path,
     )
 
@@ -123,12 +124,21 @@ PAPER_CONFIGS = [
             _rcnn_norms("FrozenBN", None, "PreciseBN"), precise_bn=True),
     _config("RethinkingBN/retinanet_R_50_FPN_3x_SyncBNhead.yaml", "rethinking_retinanet", "retinanet", MSRA_R50,
             2, _retinanet_norms("FrozenBN", None, "SyncBN"), precise_bn=True),
+    # Table 5 row 3: one synchronised BN per tower position for all levels, evaluated with its EMA.
+    _config("RethinkingBN/retinanet_R_50_FPN_3x_SyncBNhead_shared_population.yaml", "rethinking_retinanet",
+            "retinanet", MSRA_R50, 2, _retinanet_norms("FrozenBN", None, "naiveSyncBN"), precise_bn=False,
+            shared_head_norms=True),
+    # Table 5 row 4: the per-level head, for re-evaluating a row-3 model with recalibrated statistics.
+    _config("RethinkingBN/retinanet_R_50_FPN_3x_SyncBNhead_shared_population_eval_per_level.yaml",
+            "rethinking_retinanet", "retinanet", MSRA_R50, 2, _retinanet_norms("FrozenBN", None, "SyncBN"),
+            precise_bn=True),
 ]
 
 NORM_CLASSES = {
     "FrozenBN": FrozenBatchNorm2d,
     "BN": nn.BatchNorm2d,
     "SyncBN": nn.SyncBatchNorm,
+    "naiveSyncBN": NaiveSyncBatchNorm,
     "GN": nn.GroupNorm,
     "CBN": CrossIterationBatchNorm2d,
     "MABN": MovingAverageBatchNorm2d,
@@ -264,9 +274,10 @@ def test_model_has_the_norm_of_the_config_in_each_place_and_nowhere_else(row, ou
     assert norm_types_by_part(model) == expected
 
     if row["arch"] == "retinanet":
-        # One set of statistics per FPN level: every tower norm is replicated per level.
+        # One set of statistics per FPN level (every tower norm replicated per level), or one shared.
         num_head_norms = sum(isinstance(m, _NORM_BASES) for m in model.head.modules())
-        assert num_head_norms == 2 * cfg.MODEL.RETINANET.NUM_CONVS * len(cfg.MODEL.RETINANET.IN_FEATURES)
+        levels = 1 if row["shared_head_norms"] else len(cfg.MODEL.RETINANET.IN_FEATURES)
+        assert num_head_norms == 2 * cfg.MODEL.RETINANET.NUM_CONVS * levels
 
     if row["cbn"] is not None:
         cbn_layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
@@ -341,6 +352,7 @@ FAMILY_RUNS = [
     "MABN/retinanet_R_50_FPN_2x_scratch_mabn.yaml",
     "RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_precise.yaml",
     "RethinkingBN/retinanet_R_50_FPN_3x_SyncBNhead.yaml",
+    "RethinkingBN/retinanet_R_50_FPN_3x_SyncBNhead_shared_population.yaml",
 ]
 
 
