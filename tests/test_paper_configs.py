@@ -99,6 +99,7 @@ PAPER_CONFIGS = [
             ("bn", "BN", None),
             ("cbn", "CBN", CBN_PAPER),
             ("cbn_k4_burnin8ep", "CBN", CBN_OFFICIAL),
+            ("naive_cbn", "CBN", {**CBN_PAPER, "rho": 0.0}),  # the ablation without compensation
         )
     ],
     *[
@@ -243,7 +244,8 @@ def test_config_pins_the_paper_settings(row, output_dir):
     assert cfg.D2NORM.PRECISE_BN.ENABLED is precise_bn
     if row["cbn"] is not None:
         cbn = cfg.D2NORM.CBN
-        assert (cbn.WINDOW, cbn.BURNIN_ITERS) == (row["cbn"]["window"], row["cbn"]["burnin_iters"])
+        assert (cbn.WINDOW, cbn.BURNIN_ITERS, cbn.RHO) == (
+            row["cbn"]["window"], row["cbn"]["burnin_iters"], row["cbn"].get("rho", 1.0))
     if row["recipe"].startswith("mabn"):
         mabn = cfg.D2NORM.MABN
         assert (mabn.BUFFER_SIZE, mabn.EMA_DECAY, mabn.WARMUP_ITERS, mabn.RENORM_FREE_ITERS, mabn.RMAX) == (
@@ -281,9 +283,8 @@ def test_model_has_the_norm_of_the_config_in_each_place_and_nowhere_else(row, ou
 
     if row["cbn"] is not None:
         cbn_layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
-        assert cbn_layers and all(
-            (m.window, m.burnin_iters) == (row["cbn"]["window"], row["cbn"]["burnin_iters"]) for m in cbn_layers
-        )
+        expected_cbn = (row["cbn"]["window"], row["cbn"]["burnin_iters"], row["cbn"].get("rho", 1.0))
+        assert cbn_layers and all((m.window, m.burnin_iters, m.rho) == expected_cbn for m in cbn_layers)
 
     if "MABN" in row["norms"].values():
         heads = {id(m) for head in ("roi_heads", "head") if hasattr(model, head)
