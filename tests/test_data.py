@@ -298,3 +298,31 @@ def test_demo_splits_are_registered_under_their_own_names_and_folders(tmp_path, 
     assert manifest["params"]["style"] == "demo"
     assert MetadataCatalog.get(SHAPES_DEMO_TRAIN).thing_classes == list(SHAPE_CATEGORIES)
     assert not (tmp_path / "train").exists() and not (tmp_path / "val").exists()  # study splits untouched
+
+
+def test_the_shifted_domain_has_the_study_scenes_through_another_camera():
+    """Same layouts and annotations as the study style for the same seed; washed-out, lower-contrast
+    images (the target domain of the label-free recalibration benchmark)."""
+    from d2norm.data import SHIFTED, STUDY
+
+    contrast = []
+    for index in range(6):
+        study_image, study_instances = random_scene(np.random.default_rng([9, index]), 96, STUDY)
+        shifted_image, shifted_instances = random_scene(np.random.default_rng([9, index]), 96, SHIFTED)
+        assert [i.spec for i in shifted_instances] == [i.spec for i in study_instances]
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(shifted_instances, study_instances))
+        contrast.append(shifted_image.std() / study_image.std())
+        assert shifted_image.mean() > study_image.mean() - 10
+    assert max(contrast) < 0.9
+
+
+def test_the_camera_stage_draws_nothing_for_the_study_and_demo_styles():
+    """Splits generated before the camera stage existed keep their bytes (and cache digests)."""
+    from d2norm.data import DEMO, STUDY
+    from d2norm.data.scene import _camera
+
+    for style in (STUDY, DEMO):
+        rng = np.random.default_rng(0)
+        canvas = np.random.default_rng(1).uniform(0, 255, (8, 8, 3)).astype(np.float32)
+        assert _camera(rng, canvas, style) is canvas
+        assert rng.random() == np.random.default_rng(0).random()

@@ -33,10 +33,10 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
 from d2norm import add_d2norm_config, build_model, fold_norms, validate_d2norm_config
+from d2norm.data.unlabeled import IMAGE_SUFFIXES, image_files
 
 logger = logging.getLogger("d2norm.predict")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VISUALISED_SIDE = 512  # smaller images are drawn enlarged to this longer side, so labels stay legible
 
 
@@ -106,14 +106,10 @@ def image_sources(args, dataset_name):
             raise SystemExit("no images: give --input or --dataset (the config has no DATASETS.TEST)")
         sources = [(Path(r["file_name"]), r["image_id"]) for r in DatasetCatalog.get(dataset_name)]
     else:
-        paths = []
-        for entry in map(Path, args.input):
-            if entry.is_dir():
-                paths += sorted(p for p in entry.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            elif entry.is_file():
-                paths.append(entry)
-            else:
-                raise SystemExit(f"--input {entry}: no such file or folder")
+        try:
+            paths = image_files(args.input)
+        except FileNotFoundError as e:
+            raise SystemExit(f"--input {e}") from e
         sources = [(path, index + 1) for index, path in enumerate(paths)]
     if args.limit > 0:
         sources = sources[: args.limit]

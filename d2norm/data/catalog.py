@@ -12,11 +12,12 @@ from detectron2.data.datasets import load_coco_json
 
 from .shapes import SHAPE_CATEGORIES
 from .splits import ensure_shapes_split, split_files
-from .styles import DEMO, STUDY, SceneStyle
+from .styles import DEMO, SHIFTED, STUDY, SceneStyle
 
 __all__ = [
     "SHAPES_TRAIN", "SHAPES_VAL", "SHAPES_VAL500", "SHAPES_DEMO_TRAIN", "SHAPES_DEMO_VAL", "default_shapes_root",
-    "register_shapes_split", "register_shapes_dataset", "register_shapes_demo_dataset",
+    "SHAPES_SHIFTED_TRAIN", "SHAPES_SHIFTED_VAL", "register_shapes_split", "register_shapes_dataset",
+    "register_shapes_demo_dataset", "register_shapes_shifted_dataset",
 ]
 
 SHAPES_TRAIN = "d2norm_shapes_train"
@@ -24,6 +25,8 @@ SHAPES_VAL = "d2norm_shapes_val"
 SHAPES_VAL500 = "d2norm_shapes_val500"
 SHAPES_DEMO_TRAIN = "d2norm_shapes_demo_train"
 SHAPES_DEMO_VAL = "d2norm_shapes_demo_val"
+SHAPES_SHIFTED_TRAIN = "d2norm_shapes_shifted_train"
+SHAPES_SHIFTED_VAL = "d2norm_shapes_shifted_val"
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
 
@@ -91,3 +94,13 @@ def register_shapes_demo_dataset(root=None, train_images: int = 1000, val_images
     root = Path(root) if root is not None else default_shapes_root()
     register_shapes_split(SHAPES_DEMO_TRAIN, root / "demo_train", train_images, seed=2, style=DEMO)
     register_shapes_split(SHAPES_DEMO_VAL, root / "demo_val", val_images, seed=3, style=DEMO)
+
+
+def register_shapes_shifted_dataset(root=None, train_images: int = 256, val_images: int = 500) -> None:
+    """Register the target domain of the built-in data, :data:`~d2norm.data.styles.SHIFTED` (the
+    study scenes through another camera), under ``root`` in its ``shifted_train/`` and
+    ``shifted_val/`` folders: ``d2norm_shapes_shifted_train``, whose images stand in for unlabeled
+    target-domain images when recalibrating, and ``d2norm_shapes_shifted_val`` to evaluate on."""
+    root = Path(root) if root is not None else default_shapes_root()
+    register_shapes_split(SHAPES_SHIFTED_TRAIN, root / "shifted_train", train_images, seed=6, style=SHIFTED)
+    register_shapes_split(SHAPES_SHIFTED_VAL, root / "shifted_val", val_images, seed=7, style=SHIFTED)

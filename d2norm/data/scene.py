@@ -8,6 +8,7 @@ or smaller than ``min_visible_area`` pixels is dropped.
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from .appearance import background, contrasting_colour, instance_fill
@@ -80,8 +81,19 @@ def paint(rng, masks: Sequence[np.ndarray], image_size: int, style: SceneStyle =
         if mask.any():
             colour = contrasting_colour(rng, canvas, mask)
             canvas[mask] = instance_fill(rng, image_size, colour, style.textured_fill_probability)[mask]
+    canvas = _camera(rng, canvas, style)
     canvas += rng.normal(0.0, rng.uniform(*style.noise_std), size=canvas.shape).astype(np.float32)
     return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+
+
+def _camera(rng, canvas, style):
+    """Blur, then per-channel gain and offset (:class:`SceneStyle`); draws nothing for the defaults."""
+    if style.blur_sigma != (0.0, 0.0):
+        canvas = cv2.GaussianBlur(canvas, (0, 0), float(rng.uniform(*style.blur_sigma)))
+    if style.channel_gain != (1.0, 1.0) or style.channel_offset != (0.0, 0.0):
+        gain = rng.uniform(*style.channel_gain, size=3).astype(np.float32)
+        canvas = canvas * gain + rng.uniform(*style.channel_offset, size=3).astype(np.float32)
+    return canvas
 
 
 def random_scene(rng, image_size: int, style: SceneStyle = STUDY) -> tuple[np.ndarray, list[VisibleInstance]]:

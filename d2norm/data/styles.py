@@ -4,11 +4,14 @@
 shapes, textured backgrounds and fills, heavy occlusion): small-batch normalization is studied on
 it. ``DEMO`` is the easy preset of ``d2norm_shapes_demo_train/val``, on which the from-scratch
 demo detector learns faster: one to four shapes of 16²-64² pixels (none tiny, none large), less
-occluded, with solid fills on smooth backgrounds and less pixel noise.
+occluded, with solid fills on smooth backgrounds and less pixel noise. ``SHIFTED`` is ``STUDY``'s
+scenes (the same shapes, sizes and layouts) seen through another camera: washed-out, colour-cast,
+blurred and noisier images, the target domain of ``d2norm_shapes_shifted_*`` for recalibrating
+population statistics without labels ("Rethinking 'Batch' in BatchNorm", Sec. 5.1).
 """
 from dataclasses import dataclass, field
 
-__all__ = ["SceneStyle", "STUDY", "DEMO"]
+__all__ = ["SceneStyle", "STUDY", "DEMO", "SHIFTED"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,11 @@ class SceneStyle:
     background_patterns: tuple[str, ...] = ("gradient",)  # names in d2norm.data.appearance.PATTERNS
     textured_fill_probability: float = 0.0  # else the fill is one solid colour
     noise_std: tuple[float, float] = (2.0, 8.0)  # range of the per-image Gaussian pixel noise
+    # Camera of the finished image, drawn per image (the defaults change nothing and draw nothing):
+    # pixel' = gain[c] * blur(pixel) + offset[c], gain and offset per channel from these ranges.
+    blur_sigma: tuple[float, float] = (0.0, 0.0)  # Gaussian blur, pixels
+    channel_gain: tuple[float, float] = (1.0, 1.0)
+    channel_offset: tuple[float, float] = (0.0, 0.0)
 
 
 # The class limits are COCO's absolute small/medium/large thresholds (32², 96²) so that AP_s, AP_m
@@ -51,4 +59,19 @@ DEMO = SceneStyle(
     background_patterns=("gradient", "smooth_noise"),
     textured_fill_probability=0.0,
     noise_std=(1.0, 4.0),
+)
+
+SHIFTED = SceneStyle(
+    name="shifted",
+    size_class_areas=STUDY.size_class_areas,
+    large_shape_probability=STUDY.large_shape_probability,
+    small_shape_probability=STUDY.small_shape_probability,
+    max_shapes=STUDY.max_shapes,
+    min_visible_fraction=STUDY.min_visible_fraction,
+    background_patterns=STUDY.background_patterns,
+    textured_fill_probability=STUDY.textured_fill_probability,
+    noise_std=(8.0, 16.0),
+    blur_sigma=(0.6, 1.2),
+    channel_gain=(0.35, 0.7),
+    channel_offset=(40.0, 110.0),
 )

@@ -75,15 +75,19 @@ class _PooledMoments:
 
 
 @torch.no_grad()
-def recalibrate(model, data_loader, num_iters):
+def recalibrate(model, data_loader, num_iters, labels=True):
     """Set the population statistics of every norm layer of ``model`` from ``num_iters`` batches.
 
-    Preconditions: ``model(batch)`` accepts each batch in training mode, so a detectron2 model
-    needs *training* batches with ground truth (its RPN and RoI heads sample proposals against the
-    ``"instances"`` and compute losses): a loader from ``build_detection_train_loader(cfg)``, not
-    ``build_detection_test_loader`` (a batch of dataset dicts without ``"instances"`` or
-    ``"sem_seg"`` raises a ValueError); every rank calls this with the same model and
-    ``num_iters``. Parameters do not change. Afterwards every module has its former train/eval
+    Preconditions: with ``labels`` (PreciseBN), ``model(batch)`` accepts each batch in training
+    mode, so a detectron2 model needs *training* batches with ground truth (its RPN and RoI heads
+    sample proposals against the ``"instances"`` and compute losses): a loader from
+    ``build_detection_train_loader(cfg)``, not ``build_detection_test_loader`` (a batch of dataset
+    dicts without ``"instances"`` or ``"sem_seg"`` raises a ValueError). Without ``labels``
+    (unlabeled images of a target domain, "Rethinking 'Batch' in BatchNorm" Sec. 5.1), the model
+    runs as at inference (eval mode, no gradients: a detector's heads see its proposals and
+    detections rather than sampled RoIs) with every norm layer recalibrated normalising with its
+    batch's statistics. Every rank calls this with the same model and ``num_iters``. Parameters
+    do not change. Afterwards every module has its former train/eval
     mode and every norm-layer buffer other than the statistics set here its former value (EMA
     statistics, cross-iteration windows, ring buffers, counters).
 
@@ -92,6 +96,7 @@ def recalibrate(model, data_loader, num_iters):
         data_loader (iterable): yields at least ``num_iters`` batches; an iterator is advanced by
             exactly ``num_iters``.
         num_iters (int): batches per rank.
+        labels (bool): whether the batches carry ground truth and the model runs in training mode.
     """
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
@@ -107,9 +112,14 @@ def recalibrate(model, data_loader, num_iters):
     saved = {layer: [b.clone() for b in layer.buffers()] for _, layer in all_layers}
     moments = {layer: _PooledMoments(layer.num_features, next(layer.buffers()).device) for _, layer in layers}
     try:
-        if not model.training:  # an eval model is recalibrated as a whole, in training mode
+        if not labels:  # inference, except for the layers recalibrated: batch statistics
+            model.eval()
+            for _, layer in layers:
+                layer.train()
+        elif not model.training:  # an eval model is recalibrated as a whole, in training mode
             model.train()
-        _run(model, data_loader, num_iters, layers, moments)
+        with torch.set_grad_enabled(labels and torch.is_grad_enabled()):
+            _run(model, data_loader, num_iters, layers, moments, check_ground_truth=labels)
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -120,7 +130,7 @@ def recalibrate(model, data_loader, num_iters):
     _set_statistics(layers, moments)
 
 
-def _run(model, data_loader, num_iters, layers, moments):
+def _run(model, data_loader, num_iters, layers, moments, check_ground_truth):
     names = {layer: name for name, layer in layers}
     called = set()
 
@@ -140,7 +150,8 @@ def _run(model, data_loader, num_iters, layers, moments):
     try:
         with EventStorage():  # detectron2 models log in training mode; discard those events
             for batch in itertools.islice(data_loader, num_iters):
-                _check_ground_truth(batch)
+                if check_ground_truth:
+                    _check_ground_truth(batch)
                 called.clear()
                 model(batch)
                 done += 1
