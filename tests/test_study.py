@@ -52,6 +52,8 @@ FAKE_TRAIN_NET = textwrap.dedent('''
         f.write(json.dumps(argv) + "\\n")
     if os.environ.get("FAKE_FAIL") == str(out):
         sys.exit(3)
+    if "--eval-only" in argv and not Path(pairs["MODEL.WEIGHTS"]).exists():
+        sys.exit(4)
     solver = {key: int(pairs.get("SOLVER." + key, config["SOLVER"][key])) for key in ("IMS_PER_BATCH", "MAX_ITER")}
     norm = pairs.get("MODEL.FPN.NORM", config.get("MODEL", {}).get("FPN", {}).get("NORM", ""))
     (out / "config.yaml").write_text(yaml.safe_dump({"SOLVER": solver, "MODEL": {"FPN": {"NORM": norm}}}))
@@ -64,6 +66,19 @@ FAKE_TRAIN_NET = textwrap.dedent('''
     recalibrated = pairs.get("D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY") == "True"
     ap = 10.0 * int(pairs["SEED"]) + (0.5 if recalibrated else 0.0) + (1.0 if norm == "GN" else 0.0)
     (out / "evaluation.json").write_text(json.dumps({"bbox": {"AP": ap, "AP50": 2 * ap}, "segm": {"AP": ap / 2}}))
+''')
+
+
+FAKE_RECALIBRATE = textwrap.dedent('''
+    """Stand-in for tools/recalibrate.py: logs its argv and writes the checkpoint it was asked for."""
+    import json, sys
+    from pathlib import Path
+
+    argv = sys.argv[1:]
+    output = Path(argv[argv.index("--output") + 1])
+    with open(output.parent.parent.parent.parent / "calls.log", "a") as f:
+        f.write(json.dumps(["recalibrate.py", *argv]) + "\\n")
+    output.write_text("x")
 ''')
 
 
@@ -89,6 +104,7 @@ def study_file(tmp_path):
 def fake_runner(tmp_path):
     script = tmp_path / "fake_train_net.py"
     script.write_text(FAKE_TRAIN_NET)
+    (tmp_path / "recalibrate.py").write_text(FAKE_RECALIBRATE)
     return StudyRunner(tmp_path / "out", script, poll_seconds=30)
 
 
@@ -101,6 +117,32 @@ def test_cells_run_seed_by_seed_with_evaluations_right_after_their_trainings(stu
     cells = load_study(study_file)
     assert [(c.variant.name, c.seed) for c in cells] == [
         ("BN@2", 1), ("BN@2+PreciseBN", 1), ("GN", 1), ("BN@2", 2), ("BN@2+PreciseBN", 2), ("GN", 2)]
+
+
+def test_a_target_domain_variant_recalibrates_the_trained_weights_without_labels_then_evaluates(tmp_path,
+                                                                                                fake_runner):
+    path = write_study(tmp_path, f"""
+        configs: [{STUDY_CONFIG}]
+        seeds: [1]
+        variants:
+          BN: {{norm: BN, overrides: {{SOLVER.MAX_ITER: 2}}}}
+          BN@shifted+recalibrated: {{evaluate: BN, recalibrate_on: d2norm_shapes_shifted_train,
+                                     overrides: {{DATASETS.TEST: [d2norm_shapes_shifted_val]}}}}
+        """)
+    records = fake_runner.run(load_study(path), log=lambda line: None)
+    trained = tmp_path / "out" / STUDY_CONFIG.stem / "BN" / "seed1"
+    cell = tmp_path / "out" / STUDY_CONFIG.stem / "BN@shifted+recalibrated" / "seed1"
+    recalibration, evaluation = calls(tmp_path)[1:]
+    assert recalibration[0] == "recalibrate.py"
+    flags = dict(zip(recalibration[1::2], recalibration[2::2]))
+    assert flags["--weights"] == str(trained / "model_final.pth") and flags["--images"] == "d2norm_shapes_shifted_train"
+    assert flags["--config-file"] == str(trained / "config.yaml")
+    start = evaluation.index("--num-gpus") + 2
+    opts = dict(zip(evaluation[start::2], evaluation[start + 1::2]))
+    assert opts["MODEL.WEIGHTS"] == str(cell / "recalibrated.pth")
+    assert opts["DATASETS.TEST"] == "('d2norm_shapes_shifted_val',)"
+    assert opts["D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY"] == "False"
+    assert records[1]["recalibrated_on"] == "d2norm_shapes_shifted_train" and records[1]["evaluates"] == "BN"
 
 
 def test_norm_sets_every_norm_key_and_overrides_merge_into_detectron2_config(study_file):
@@ -118,6 +160,9 @@ def test_norm_sets_every_norm_key_and_overrides_merge_into_detectron2_config(stu
 @pytest.mark.parametrize("variants, message", [
     ("{A: {norm: BN, lr: 1}}", "'variants.A' has unknown keys ['lr']"),
     ("{A: {evaluate: B}}", "'variants.A.evaluate' = 'B' must name a trained variant: []"),
+    ("{A: {norm: BN}, B: {evaluate: A, recalibrate: true, recalibrate_on: d}}",
+     "'variants.B.recalibrate_on' needs 'evaluate' and excludes 'recalibrate: true'"),
+    ("{A: {norm: BN, recalibrate_on: d}}", "'variants.A.recalibrate_on' needs 'evaluate'"),
     ("{A: {norm: BN}, B: {evaluate: A, recalibrate: yes please}}", "'variants.B.recalibrate' must be true or false"),
     ("{A: {overrides: [SOLVER.MAX_ITER, 3]}}", "'variants.A.overrides' must map detectron2 keys to values"),
 ])

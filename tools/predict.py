@@ -24,7 +24,6 @@ import cv2
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
@@ -32,7 +31,8 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
-from d2norm import add_d2norm_config, build_model, fold_norms, validate_d2norm_config
+from d2norm import build_model, fold_norms
+from d2norm.config import load_config
 from d2norm.data.unlabeled import IMAGE_SUFFIXES, image_files
 
 logger = logging.getLogger("d2norm.predict")
@@ -61,21 +61,12 @@ def parse_args(argv=None):
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_d2norm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if args.weights:
-        cfg.MODEL.WEIGHTS = args.weights
-    if not cfg.MODEL.WEIGHTS:
-        raise SystemExit(f"{args.config_file} has no MODEL.WEIGHTS: pass --weights (e.g. output/demo/model_final.pth)")
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh
-    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.score_thresh
-    validate_d2norm_config(cfg)
-    cfg.freeze()
-    return cfg
+    thresholds = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.score_thresh,
+                  "MODEL.RETINANET.SCORE_THRESH_TEST", args.score_thresh]
+    try:
+        return load_config(args.config_file, [*args.opts, *thresholds], args.weights, require_weights=True)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
 
 
 class Predictor:

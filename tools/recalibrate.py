@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
-from d2norm import add_d2norm_config, build_model, recalibrate, validate_d2norm_config
+from d2norm import build_model, recalibrate
+from d2norm.config import load_config
 from d2norm.data.unlabeled import unlabeled_batches, unlabeled_image_paths
 from d2norm.modeling.build import norm_layer_summary
 from d2norm.statistics.recalibration import population_norm_layers
@@ -55,19 +55,17 @@ def parse_args(argv=None):
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_d2norm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if args.weights:
-        cfg.MODEL.WEIGHTS = args.weights
-    if not cfg.MODEL.WEIGHTS:
-        raise SystemExit(f"{args.config_file} has no MODEL.WEIGHTS: pass --weights (e.g. output/demo/model_final.pth)")
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    validate_d2norm_config(cfg)
-    cfg.freeze()
-    return cfg
+    try:
+        return load_config(args.config_file, args.opts, args.weights, require_weights=True)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+
+
+def _counted(batches, progress):
+    """``batches``, advancing ``progress`` as each is handed to the model."""
+    for batch in batches:
+        progress.update()
+        yield batch
 
 
 def main(args):
@@ -90,9 +88,8 @@ def main(args):
     batches = unlabeled_batches(paths, args.batch_size, cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST,
                                 cfg.INPUT.MAX_SIZE_TEST)
     logger.info(f"Recalibrating {cfg.MODEL.WEIGHTS} on {num_iter * args.batch_size} images of {args.images}")
-    progress = tqdm(batches, total=num_iter, desc="recalibrating", unit="batch")
-    recalibrate(model, progress, num_iter, labels=False)
-    progress.close()
+    with tqdm(total=num_iter, desc="recalibrating", unit="batch") as progress:
+        recalibrate(model, _counted(batches, progress), num_iter, labels=False)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".tmp")

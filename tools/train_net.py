@@ -16,15 +16,14 @@ import sys
 import weakref
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from d2norm import add_d2norm_config, recalibrate, validate_d2norm_config
-from d2norm.config.defaults import scale_norm_iterations
+from d2norm import recalibrate
+from d2norm.config import load_config, scale_norm_iterations
 from d2norm.engine.checkpoint import Checkpointer
 from d2norm.engine.cpu_threads import set_default_cpu_threads
 from d2norm.engine.evaluation import fast_coco_eval_available
@@ -92,22 +91,9 @@ class Trainer(DefaultTrainer):
         return hook_list[:first_after] + norm_hooks + hook_list[first_after:] + [CheckpointOnSignal(self.checkpointer)]
 
 
-def load_config(args):
-    """Config from file and overrides, D2NORM validated, CPU when there is no GPU."""
-    cfg = get_cfg()
-    add_d2norm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    validate_d2norm_config(cfg)
-    cfg.freeze()
-    return cfg
-
-
 def setup(args):
-    """:func:`load_config`, then detectron2's and d2norm's logging and config dump in OUTPUT_DIR."""
-    cfg = load_config(args)
+    """:func:`d2norm.config.load_config`, then detectron2's and d2norm's logging and config dump in OUTPUT_DIR."""
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2norm")
     logger = logging.getLogger("d2norm")
@@ -144,7 +130,7 @@ def main(args):
         cfg = setup(args)
         return save_evaluation(cfg, evaluate(cfg, args))
     # One training per OUTPUT_DIR, locked before anything is written there (rank 0 writes).
-    output_dir = load_config(args).OUTPUT_DIR
+    output_dir = load_config(args.config_file, args.opts).OUTPUT_DIR
     with output_dir_lock(output_dir) if comm.is_main_process() else contextlib.nullcontext():
         cfg = setup(args)
         trainer = Trainer(cfg)

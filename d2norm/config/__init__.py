@@ -1,4 +1,5 @@
-"""The ``D2NORM`` config keys: defaults (the papers'), validation, world-size rescaling."""
+"""The ``D2NORM`` config keys: defaults (the papers'), validation, world-size rescaling; loading a
+YAML config with them."""
 from .defaults import (
     RECALIBRATION_REGIMES,
     D2NormConfigError,
@@ -6,6 +7,7 @@ from .defaults import (
     scale_norm_iterations,
     validate_d2norm_config,
 )
+from .loading import load_config
 
-__all__ = ["RECALIBRATION_REGIMES", "D2NormConfigError", "add_d2norm_config", "scale_norm_iterations",
-           "validate_d2norm_config"]
+__all__ = ["RECALIBRATION_REGIMES", "D2NormConfigError", "add_d2norm_config", "load_config",
+           "scale_norm_iterations", "validate_d2norm_config"]

@@ -14,7 +14,9 @@ the seeds; every combination is one cell, trained by ``tools/train_net.py`` into
 ``norm: X`` sets every norm key of the model (backbone, FPN, box/mask heads, RetinaNet head);
 ``overrides`` are detectron2 ``KEY: value`` pairs; ``evaluate: V`` makes an *evaluation variant*:
 it re-evaluates variant V's final weights (``recalibrate: true`` recomputes the population
-statistics first, Wu & Johnson 2021 Sec. 3), so it costs an evaluation, not a training.
+statistics first on the training data, Wu & Johnson 2021 Sec. 3; ``recalibrate_on: SOURCE``
+recomputes them without labels on the images of SOURCE, a registered dataset or a folder, with
+``tools/recalibrate.py``: a new domain, Sec. 5.1), so it costs an evaluation, not a training.
 
 Optional keys of the study file:
 
@@ -38,7 +40,7 @@ __all__ = ["GATE_RULES", "NORM_KEYS", "Cell", "Study", "StudyFileError", "Varian
 
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
              "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM")
-_VARIANT_KEYS = {"norm", "overrides", "evaluate", "recalibrate"}
+_VARIANT_KEYS = {"norm", "overrides", "evaluate", "recalibrate", "recalibrate_on"}
 _STUDY_KEYS = {"configs", "seeds", "variants"}
 _OPTIONAL_STUDY_KEYS = {"arm", "workers", "norm_keys", "gap"}
 _GAP_KEYS = {"per_worker", "synced", "gate"}
@@ -57,6 +59,7 @@ class Variant:
     overrides: dict = field(default_factory=dict)
     evaluate: str = None
     recalibrate: bool = False
+    recalibrate_on: str = None
 
     @property
     def trains(self):
@@ -127,7 +130,13 @@ def _variant(path, name, spec, norm_keys=NORM_KEYS):
     recalibrate = spec.get("recalibrate", False)
     if not isinstance(recalibrate, bool):
         _fail(path, f"{where}.recalibrate", f"must be true or false, got {recalibrate!r}")
-    return Variant(name, overrides, spec.get("evaluate"), recalibrate)
+    recalibrate_on = spec.get("recalibrate_on")
+    if recalibrate_on is not None and not (isinstance(recalibrate_on, str) and recalibrate_on):
+        _fail(path, f"{where}.recalibrate_on", f"must name a dataset or a folder of images, got {recalibrate_on!r}")
+    if recalibrate_on is not None and (recalibrate or "evaluate" not in spec):
+        _fail(path, f"{where}.recalibrate_on", "needs 'evaluate' and excludes 'recalibrate: true' "
+                                               "(the statistics come from one source)")
+    return Variant(name, overrides, spec.get("evaluate"), recalibrate, recalibrate_on)
 
 
 def load_study(path, only_variants=None, only_seeds=None):

@@ -21,6 +21,7 @@ from .metrics import cell_solver, evaluation_results, read_metrics, seconds_per_
 __all__ = ["CellFailedError", "StudyRunner", "cell_key", "read_record"]
 
 RECORD_NAME = "study_record.json"
+RECALIBRATED_NAME = "recalibrated.pth"  # an evaluation cell's weights recalibrated on its recalibrate_on images
 
 
 class CellFailedError(RuntimeError):
@@ -122,10 +123,23 @@ class StudyRunner:
         else:
             trained = self.trained_directory(cell)
             head = ["--config-file", str(trained / "config.yaml"), "--eval-only"]
-            opts = cell.opts() + ["MODEL.WEIGHTS", str(trained / "model_final.pth"),
+            weights = (cell.directory(self.output) / RECALIBRATED_NAME if cell.variant.recalibrate_on
+                       else trained / "model_final.pth")
+            opts = cell.opts() + ["MODEL.WEIGHTS", str(weights),
                                   "D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY", str(cell.variant.recalibrate)]
         return ([sys.executable, str(self.train_net)] + head + ["--num-gpus", str(self.workers(cell))] + opts
                 + list(self.extra_opts) + ["OUTPUT_DIR", str(cell.directory(self.output))])
+
+    def recalibration_command(self, cell):
+        """The ``tools/recalibrate.py`` command of an evaluation cell with ``recalibrate_on`` (else
+        None): the trained weights, their statistics recomputed on its images without labels."""
+        if not cell.variant.recalibrate_on:
+            return None
+        trained = self.trained_directory(cell)
+        return [sys.executable, str(Path(self.train_net).with_name("recalibrate.py")),
+                "--config-file", str(trained / "config.yaml"), "--weights", str(trained / "model_final.pth"),
+                "--images", cell.variant.recalibrate_on,
+                "--output", str(cell.directory(self.output) / RECALIBRATED_NAME), *self.extra_opts]
 
     def _run_cell(self, cell, commit, iterations, log):
         directory = cell.directory(self.output)
@@ -133,20 +147,21 @@ class StudyRunner:
         env = dict(os.environ)
         if self.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
-        command = self.command(cell)
-        (directory / "study_command.txt").write_text(" ".join(command) + "\n")
+        commands = [c for c in (self.recalibration_command(cell), self.command(cell)) if c is not None]
+        (directory / "study_command.txt").write_text("".join(" ".join(c) + "\n" for c in commands))
         started = time.time()
-        with open(directory / "study_stdout.log", "a") as stdout:
-            process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
-            while True:
-                try:
-                    process.wait(timeout=self.poll_seconds)
-                    break
-                except subprocess.TimeoutExpired:
-                    self._log_progress(directory, iterations, started, log)
-        if process.returncode != 0:
-            raise CellFailedError(f"cell {cell.config_stem} / {cell.variant.name} / seed {cell.seed} failed "
-                                  f"(exit {process.returncode}); see {directory / 'study_stdout.log'}")
+        for command in commands:
+            with open(directory / "study_stdout.log", "a") as stdout:
+                process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
+                while True:
+                    try:
+                        process.wait(timeout=self.poll_seconds)
+                        break
+                    except subprocess.TimeoutExpired:
+                        self._log_progress(directory, iterations, started, log)
+            if process.returncode != 0:
+                raise CellFailedError(f"cell {cell.config_stem} / {cell.variant.name} / seed {cell.seed} failed "
+                                      f"(exit {process.returncode}); see {directory / 'study_stdout.log'}")
         record = self._record(cell, commit, time.time() - started)
         (directory / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
         for checkpoint in directory.glob("model_*.pth"):
@@ -188,6 +203,7 @@ class StudyRunner:
                                  else trained_record["seconds_per_iter"]),
             "evaluates": cell.variant.evaluate,
             "recalibrated": cell.variant.recalibrate,
+            "recalibrated_on": cell.variant.recalibrate_on,
             "wall_seconds": round(wall_seconds, 1),
             "threads": self.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
