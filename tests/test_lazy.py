@@ -153,6 +153,7 @@ TWINS = [  # LazyConfig twins of YAML configs: the same experiment
     "MABN/retinanet_R_50_FPN_2x_scratch_mabn",
     "RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_ema",
     "RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_precise",
+    "RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_shuffle",
     "RethinkingBN/retinanet_R_50_FPN_3x_SyncBNhead",
 ]
 

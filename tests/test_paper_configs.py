@@ -121,6 +121,8 @@ PAPER_CONFIGS = [
     ],
     _config("RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_ema.yaml", "rethinking", "rcnn", MSRA_R50, 2,
             _rcnn_norms("FrozenBN", None, "BN"), precise_bn=False),
+    _config("RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_shuffle.yaml", "rethinking", "rcnn", MSRA_R50, 2,
+            _rcnn_norms("FrozenBN", None, "BN"), precise_bn=False),
     _config("RethinkingBN/mask_rcnn_R_50_FPN_3x_BNhead_precise.yaml", "rethinking", "rcnn", MSRA_R50, 2,
             _rcnn_norms("FrozenBN", None, "PreciseBN"), precise_bn=True),
     _config("RethinkingBN/retinanet_R_50_FPN_3x_SyncBNhead.yaml", "rethinking_retinanet", "retinanet", MSRA_R50,

@@ -77,6 +77,10 @@ def add_d2norm_config(cfg):
     # Switch norm layers to population statistics (after a recalibration) for the last N iters.
     cfg.D2NORM.FREEZE_NORM_LAST_ITERS = 0
 
+    # Shuffle the RoIs of all workers through the R-CNN box and mask heads in training, so that a
+    # norm there sees RoIs of random images ("Rethinking 'Batch' in BatchNorm" Sec. 6, Table 6).
+    cfg.D2NORM.SHUFFLE_ROIS = False
+
 
 def _check(cond, key, value, allowed):
     if not cond:
@@ -125,6 +129,7 @@ def validate_d2norm_config(cfg):
         family, name = key.split(".")
         value = d[family][name]
         _check(isinstance(value, bool), f"D2NORM.{key}", value, "true or false")
+    _check(isinstance(d.SHUFFLE_ROIS, bool), "D2NORM.SHUFFLE_ROIS", d.SHUFFLE_ROIS, "true or false")
 
 
 def cbn_settings(d2norm_cfg, in_head=False):

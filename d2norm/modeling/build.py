@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig
 from ..layers.per_level import make_retinanet_head_per_level
 from .binding import prepare_model
 from .registry import UnknownNormError, configured_factory, known_norm_names
+from .roi_shuffle import shuffle_rois_across_workers
 
 __all__ = ["build_model", "configured_lazy_norms", "configured_norms", "finish_model", "norm_layer_summary"]
 
@@ -119,7 +120,8 @@ def finish_model(model, d2norm_cfg, example_inputs=None):
 
     * give each d2norm layer of a RetinaNet head (and of its subclass, FCOS's head) one set of
       statistics per FPN level (detectron2 only does so for "BN"/"SyncBN"; Rethinking-BN §5.2);
-    * :func:`~d2norm.modeling.binding.prepare_model` (CBN conv binding, MABN weight centralisation).
+    * :func:`~d2norm.modeling.binding.prepare_model` (CBN conv binding, MABN weight centralisation);
+    * with ``SHUFFLE_ROIS``, :func:`~d2norm.modeling.roi_shuffle.shuffle_rois_across_workers`.
 
     Args:
         model (nn.Module): the built model, on its device.
@@ -133,6 +135,8 @@ def finish_model(model, d2norm_cfg, example_inputs=None):
         if isinstance(module, RetinaNetHead):
             make_retinanet_head_per_level(module, module._num_features)
     prepare_model(model, centralize_weights=d2norm_cfg.MABN.CENTRALIZE_WEIGHTS, example_inputs=example_inputs)
+    if d2norm_cfg.SHUFFLE_ROIS:
+        shuffle_rois_across_workers(model)
     logger.info(f"Normalization layers: {norm_layer_summary(model)}")
     return model
 
