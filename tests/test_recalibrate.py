@@ -1,7 +1,6 @@
 """d2norm.statistics.recalibration: exact pooled population statistics, model and state left as they were."""
 import copy
 import logging
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn as nn
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils.events import EventStorage, get_event_storage
 
+from d2norm.engine.launch import free_port
 from d2norm.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, PreciseBatchNorm2d
 from d2norm.modeling.binding import prepare_model
 from d2norm.statistics.recalibration import population_norm_layers, recalibrate
@@ -263,12 +263,6 @@ def test_detectron2_style_models_run_and_their_events_are_discarded():
         assert "loss" not in storage.histories()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 RANK_SHAPES = (((2, 5, 5), (1, 4, 4)), ((3, 6, 3), (1, 7, 7)))  # different data and sizes per rank
 
 
@@ -285,7 +279,7 @@ def _recalibrate_on_rank(rank, world_size, port, out_dir):
 
 
 def test_two_ranks_end_with_identical_statistics_of_the_union_of_their_data(tmp_path):
-    mp.spawn(_recalibrate_on_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_recalibrate_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), f"{key} differs between ranks"

@@ -2,7 +2,6 @@
 computation (the shuffle is undone), gradients reach every worker's RoIs, and a worker's norm
 batch mixes RoIs of other workers; uneven RoI counts per worker. float64."""
 import os
-import socket
 
 import pytest
 import torch
@@ -14,15 +13,10 @@ from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from test_cluster_launch import _run
 from test_train_net import DEMO_BASE, tiny_opts, tiny_splits, train_script  # noqa: F401  (fixture)
 
+from d2norm.engine.launch import free_port
 from d2norm.modeling.roi_shuffle import RoIShuffle, shuffle_rois_across_workers
 
 COUNTS = (5, 3)  # RoIs per worker
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _head(norm):
@@ -61,7 +55,7 @@ def _worker(rank, port, results):
 @pytest.fixture(scope="module")
 def shuffled():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=len(COUNTS), join=True)
+    mp.spawn(_worker, args=(free_port(), results), nprocs=len(COUNTS), join=True)
     return dict(results)
 
 

@@ -2,7 +2,6 @@
 input and parameter gradients, layer state, through burn-in / warm-up and the window), uneven and
 empty batches included, in float64."""
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import d2norm
+from d2norm.engine.launch import free_port
 from d2norm.layers import (
     CrossIterationBatchNorm2d,
     MovingAverageBatchNorm2d,
@@ -28,12 +28,6 @@ UNSYNCED = {
     "SyncMABN": lambda: MovingAverageBatchNorm2d(4, buffer_size=2, warmup_iters=2, renorm_free_iters=3, rmax=1.2),
     "SyncCBN": lambda: CrossIterationBatchNorm2d(4, window=3, burnin_iters=2),
 }
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(make):
@@ -90,7 +84,7 @@ def _rank_main(rank, world_size, port, sizes, out_dir):
 
 @pytest.mark.parametrize("sizes", [(3, 1), (2, 1, 0, 1)], ids=["2 ranks uneven", "4 ranks, one empty"])
 def test_r_ranks_train_as_one_process_with_all_images(sizes, tmp_path):
-    mp.spawn(_rank_main, args=(len(sizes), _free_port(), sizes, str(tmp_path)), nprocs=len(sizes))
+    mp.spawn(_rank_main, args=(len(sizes), free_port(), sizes, str(tmp_path)), nprocs=len(sizes))
     offsets = [sum(sizes[:r]) for r in range(len(sizes))]
     saved = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(len(sizes))]
     for name, make in LAYERS.items():
