@@ -42,9 +42,11 @@ bench: setup
 	$(PY) tools/benchmark_norm.py
 
 # Run first on a GPU machine: every layer on CUDA against CPU float64, AMP, channels_last,
-# torch.compile, no host syncs, a DDP step (`--device cpu` runs the same checks in `make test`).
+# torch.compile, no host syncs, a DDP step (`--device cpu` runs the same checks in `make test`),
+# then the norm-cost benchmark and the demo training with its COCO AP on the GPU.
 gpu-check: setup
-	$(PY) -m d2norm.selftest --device cuda
+	mkdir -p benchmarks/gpu_check
+	$(PY) -m d2norm.selftest --device cuda --benchmark --demo --markdown benchmarks/gpu_check/table.md
 
 clean:
 	rm -rf $(VENV) output

@@ -16,15 +16,27 @@ past burn-in / warm-up, and the checks compare it with what it must equal:
   on the ``meta`` device on the CPU (any read of a value raises on either);
 - ``ddp``: one DistributedDataParallel step in a one-process group (NCCL on CUDA, gloo on the CPU).
 
-It prints a table (check, layer, result, largest deviation) and exits 0 when everything passed,
-1 on any failure, and 3 when ``--device cuda`` is asked for without CUDA. The norm-cost benchmark
-(``make bench``) and the demo (``make demo``) are the timing and accuracy checks of a machine.
+From a checkout, two more stages run the repository's tools on the device:
+
+- ``--benchmark``: the norm-cost benchmark (``tools/benchmark_norm.py``): the CBN/BN and MABN/BN
+  time and memory ratios of the conv + norm blocks and of a Mask R-CNN step;
+- ``--demo``: the demo training (``tools/train_net.py`` on ``configs/demo/mask_rcnn_R_18_FPN_MABN_shapes.yaml``,
+  its full 2000 iterations unless ``--demo-opts`` shortens it) and its COCO AP (43.6 box AP on the
+  CPU it was measured on).
+
+It prints a table (check, layer, result, largest deviation or the measured value) and exits 0 when
+everything passed, 1 on any failure, and 3 when ``--device cuda`` is asked for without CUDA.
 """
 import argparse
 import contextlib
+import json
+import math
 import os
+import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,7 +51,10 @@ from .layers import (
     SyncMovingAverageBatchNorm2d,
 )
 
-__all__ = ["main", "run_checks"]
+__all__ = ["main", "run_checks", "run_demo", "run_benchmark"]
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo" / "mask_rcnn_R_18_FPN_MABN_shapes.yaml"
 
 NO_CUDA_EXIT = 3
 STEPS = 6
@@ -217,12 +232,84 @@ def run_checks(device, layers=None, report=print):
     return rows
 
 
+def _tool(name):
+    path = REPO / "tools" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: this stage runs from a d2norm checkout")
+    return path
+
+
+def _run_tool(argv, report):
+    """Run a repository tool; its output goes to ``report`` line by line; returns the exit code."""
+    process = subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=REPO)
+    lines = []
+    for line in process.stdout:
+        lines.append(line.rstrip())
+        report(f"     | {line.rstrip()}")
+    process.wait()
+    return process.returncode, lines
+
+
+def run_benchmark(device, extra_args=(), report=print):
+    """The norm-cost benchmark on ``device``: rows with the CBN/BN and MABN/BN ratios (time, peak
+    memory) of every block and of the detector step; passed when it ran and every ratio is finite."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "benchmark.json"
+        try:
+            code, lines = _run_tool([_tool("benchmark_norm.py"), "--device", str(device), "--json", out,
+                                     *extra_args], report)
+        except FileNotFoundError as error:
+            return [("norm-cost benchmark", "CBN, MABN", False, None, None, str(error))]
+        if code != 0 or not out.is_file():
+            return [("norm-cost benchmark", "CBN, MABN", False, None, None,
+                     f"exit {code}: {lines[-1] if lines else 'no output'}")]
+        result = json.loads(out.read_text())
+    rows = []
+    parts = [(f"block C={b['config']['channels']}, {b['config']['size']}²", b["ratios"]) for b in result["blocks"]]
+    if result.get("detector"):
+        parts.append(("Mask R-CNN step", result["detector"]["ratios"]))
+    for where, ratios in parts:
+        for name in ("CBN/BN", "MABN/BN"):
+            if name in ratios:
+                r = ratios[name]
+                passed = math.isfinite(r["time"]) and math.isfinite(r["peak_memory"])
+                rows.append((f"norm-cost benchmark: {where}", name, passed, r["time"], None,
+                             f"time ratio {r['time']:.2f}, peak memory ratio {r['peak_memory']:.2f}"))
+    return rows
+
+
+def run_demo(device, extra_opts=(), report=print):
+    """The demo training on ``device`` and its COCO AP: one row, passed when it trained and evaluated
+    to a finite box AP."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.time()
+        try:
+            code, lines = _run_tool([_tool("train_net.py"), "--config-file", DEMO_CONFIG, "MODEL.DEVICE", str(device),
+                                     "OUTPUT_DIR", tmp, *extra_opts], report)
+        except FileNotFoundError as error:
+            return [("demo training", "MABN demo", False, None, None, str(error))]
+        seconds = time.time() - started
+        evaluation = Path(tmp) / "evaluation.json"
+        if code != 0 or not evaluation.is_file():
+            return [("demo training", "MABN demo", False, None, None, f"exit {code}: {lines[-1] if lines else ''}")]
+        results = json.loads(evaluation.read_text())
+    tasks = results if "bbox" in results else next(iter(results.values()))
+    box, mask = tasks["bbox"]["AP"], tasks.get("segm", {}).get("AP", float("nan"))
+    return [("demo training", "MABN demo", math.isfinite(box), box, None,
+             f"box AP {box:.1f}, mask AP {mask:.1f} in {seconds / 60:.1f} min (the CPU measurement: 43.6)")]
+
+
+def _value(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
 def markdown(rows, device):
-    lines = [f"# d2norm self-check on {device}", "", "| check | layer | result | deviation | tolerance | note |",
-             "|---|---|---|---:|---:|---|"]
+    lines = [f"# d2norm self-check on {device}", "",
+             "| check | layer | result | deviation or value | tolerance | note |", "|---|---|---|---:|---:|---|"]
     for check, name, passed, deviation, tolerance, note in rows:
-        lines.append(f"| {check} | {name} | {'pass' if passed else 'FAIL'} | {deviation:.2e} | {tolerance:.0e} | "
-                     f"{note} |")
+        lines.append(f"| {check} | {name} | {'pass' if passed else 'FAIL'} | {_value(deviation, '.2e')} | "
+                     f"{_value(tolerance, '.0e')} | {note} |")
     return "\n".join(lines)
 
 
@@ -231,6 +318,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
     parser.add_argument("--layers", nargs="*", choices=sorted(LAYERS), help="only these layers")
     parser.add_argument("--markdown", help="also write the table as markdown to this file")
+    parser.add_argument("--benchmark", action="store_true", help="also run the norm-cost benchmark (tools/)")
+    parser.add_argument("--benchmark-args", nargs="*", default=[], help="arguments for tools/benchmark_norm.py")
+    parser.add_argument("--demo", action="store_true", help="also train the demo and report its COCO AP (tools/)")
+    parser.add_argument("--demo-opts", nargs="*", default=[], help="config overrides KEY VALUE for the demo")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -239,6 +330,10 @@ def main(argv=None):
               "Run `python -m d2norm.selftest --device cpu` for the CPU checks.", file=sys.stderr)
         return NO_CUDA_EXIT
     rows = run_checks(device, args.layers)
+    if args.benchmark:
+        rows += run_benchmark(device, args.benchmark_args)
+    if args.demo:
+        rows += run_demo(device, args.demo_opts)
     table = markdown(rows, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     print(table)
     if args.markdown:
