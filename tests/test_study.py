@@ -5,6 +5,7 @@ writes (``config.yaml``, ``metrics.json``, ``evaluation.json``, checkpoints) in 
 that resuming, skipping, failures and evaluation variants are checked without training; the
 ``--eval-only`` recalibration path of the real ``train_net.py`` is checked on a tiny detector.
 """
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -211,6 +212,12 @@ def test_commands_resume_trainings_and_evaluate_trained_weights(study_file, fake
     assert command[command.index("D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY") + 1] == "True"
     assert command[command.index("--config-file") + 1] == str(trained / "config.yaml")
     assert command[command.index("MODEL.WEIGHTS") + 1] == str(trained / "model_final.pth")
+    assert "--dist-url" not in command  # one process: no port
+    eight = dataclasses.replace(train, workers=8)
+    command = fake_runner.command(eight)
+    # 8 gloo processes on a free port of their own: two studies on one machine never collide
+    launch = command.index("--num-gpus")
+    assert command[launch:launch + 4] == ["--num-gpus", "8", "--dist-url", "auto"]
 
 
 def test_a_failed_cell_names_its_log_and_the_rerun_continues_there(study_file, fake_runner, tmp_path, monkeypatch):

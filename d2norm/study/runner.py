@@ -127,7 +127,9 @@ class StudyRunner:
                        else trained / "model_final.pth")
             opts = cell.opts() + ["MODEL.WEIGHTS", str(weights),
                                   "D2NORM.PRECISE_BN.RECALIBRATE_FOR_EVAL_ONLY", str(cell.variant.recalibrate)]
-        return ([sys.executable, str(self.train_net)] + head + ["--num-gpus", str(self.workers(cell))] + opts
+        # A free port per cell: two studies (or any other job) on one machine never share one.
+        launch = ["--num-gpus", str(self.workers(cell))] + (["--dist-url", "auto"] if self.workers(cell) > 1 else [])
+        return ([sys.executable, str(self.train_net)] + head + launch + opts
                 + list(self.extra_opts) + ["OUTPUT_DIR", str(cell.directory(self.output))])
 
     def recalibration_command(self, cell):
