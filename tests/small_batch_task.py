@@ -1,4 +1,5 @@
-"""The small-batch proxy task: shape crops whose class depends on their contrast, and a tiny CNN.
+"""The small-batch proxy task: shape crops whose class depends on their contrast, and a tiny CNN
+trained as on a cluster of workers (each normalising only its own images).
 
 Each 24x24 grayscale image shows one shape of the built-in dataset (``d2norm.data.shapes``) near
 the centre, at a random size and rotation, painted with a faint or a strong contrast over pixel
@@ -15,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from d2norm.data.shapes import ASPECT_RANGES, SHAPE_CATEGORIES, ShapeSpec, rasterize
-from d2norm.modeling.binding import prepare_model
+from d2norm.layers.per_channel import per_channel, register_affine
+from d2norm.layers.weight_centralization import centralize_conv_weight
 
 IMAGE_SIZE = 24
 RADIUS_RANGE = (6.0, 10.0)  # circumradius in pixels
@@ -41,26 +43,51 @@ def make_split(count, seed):
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def make_cnn(norm, widths=(8, 16, 32)):
+class PerWorkerNorm(nn.Module):
+    """``workers`` workers of a data-parallel job in one process: in training, the batch is cut into
+    ``workers`` equal chunks and chunk r is normalised by worker r's own affine-free norm (its own
+    statistics and cross-iteration state, as each GPU keeps its own), then the shared γ/β; the mean
+    loss over the whole batch gives the gradient DDP averages over the workers. In eval mode worker
+    0's statistics are used (detectron2 checkpoints rank 0's)."""
+
+    def __init__(self, make, channels, workers):
+        super().__init__()
+        self.workers = workers
+        self.levels = nn.ModuleList(make(channels, affine=False) for _ in range(workers))
+        register_affine(self, channels, True)
+
+    def forward(self, x):
+        if self.training:
+            if x.shape[0] % self.workers:
+                raise ValueError(f"a batch of {x.shape[0]} does not split over {self.workers} workers")
+            y = torch.cat([norm(chunk) for norm, chunk in zip(self.levels, x.chunk(self.workers))])
+        else:
+            y = self.levels[0](x)
+        return y * per_channel(self.weight) + per_channel(self.bias)
+
+
+def make_cnn(norm, workers, centralize=False, widths=(8, 16, 32)):
     """conv3x3 -> norm -> ReLU stages (2x2 max-pool after all but the last), global average pool,
-    linear classifier. ``norm(channels)`` builds each norm; each conv -> norm pair sits in an
-    ``nn.Sequential``, so ``prepare_model`` binds CBN to its conv and centralises MABN's conv."""
+    linear classifier. Each norm is a :class:`PerWorkerNorm` of ``norm(channels, affine=False)``;
+    ``centralize``: weight-centralised convs (MABN's convention)."""
     layers, channels = [], 1
     for stage, width in enumerate(widths):
-        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), norm(width), nn.ReLU()]
+        conv = nn.Conv2d(channels, width, 3, padding=1, bias=False)
+        layers += [centralize_conv_weight(conv) if centralize else conv, PerWorkerNorm(norm, width, workers),
+                   nn.ReLU()]
         if stage < len(widths) - 1:
             layers.append(nn.MaxPool2d(2))
         channels = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, NUM_CLASSES)]
-    return prepare_model(nn.Sequential(*layers), example_inputs=(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE),))
+    return nn.Sequential(*layers)
 
 
-def train(model, images, labels, batch_size, epochs, base_lr, seed):
-    """SGD (momentum 0.9) with the linear scaling rule (lr = base_lr * batch_size / 32) and a cosine
-    schedule over ``epochs`` passes in a seeded order: every batch size sees the same samples."""
+def train(model, images, labels, batch_size, epochs, lr_per_image, seed):
+    """SGD (momentum 0.9) at ``lr_per_image * batch_size`` with a cosine schedule over ``epochs``
+    passes in a seeded order."""
     generator = torch.Generator().manual_seed(seed)
     iterations = epochs * (len(images) // batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr * batch_size / 32, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_per_image * batch_size, momentum=0.9)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
     model.train()
     for _ in range(epochs):
