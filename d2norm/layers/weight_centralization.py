@@ -12,17 +12,20 @@ group g is computed from the input channels of g and taps (u, v), and its mean o
 positions of a constant input is proportional to Σ_{i,u,v} W[i, c, u, v]. Centring over exactly
 those entries gives the same zero-mean filter property, so MABN can follow a transposed conv too.
 
-:func:`centralize_conv_weight` returns a new module of a cached subclass of the conv's class,
-whose ``forward`` sees W̃ as ``self.weight``; it shares the conv's Parameters, buffers, child
-modules and hooks, and the caller puts it in the conv's place (no live object changes its class).
-This works for ``torch.nn.Conv2d`` and for detectron2's ``Conv2d`` (whose ``forward`` calls
-``F.conv2d`` itself and then applies its ``norm``/``activation``). Outside ``forward`` the attribute
-``weight`` is the trainable Parameter under its own name, so checkpoints (centred or not) load
-unchanged, initialisers act on the Parameter, and ``isinstance`` checks against the original class
-hold. A subclass, not forward hooks, carries the centring because ``torch.compile`` guards on a
-module's class but not on its hooks (dynamo's ``skip_nnmodule_hook_guards``): a graph compiled for
-a plain conv would be reused for a centralised one. ``torch.nn.utils.parametrize`` renames the
-weight Parameter and its checkpoint key, and a parametrised model cannot be pickled.
+:func:`centralize_conv_weight` swaps a conv's class to a cached subclass whose ``forward`` sees
+W̃ as ``self.weight``. This works for ``torch.nn.Conv2d`` and for detectron2's ``Conv2d`` (whose
+``forward`` calls ``F.conv2d`` itself and then applies its ``norm``/``activation``). Outside
+``forward`` the attribute ``weight`` is still the trainable Parameter under its own name, so
+checkpoints (centred or not) load unchanged, initialisers act on the Parameter, and
+``isinstance`` checks against the original class still hold. The subclass, not forward hooks,
+carries the centring because ``torch.compile`` guards on a module's class but not on its hooks
+(dynamo's ``skip_nnmodule_hook_guards``): a graph compiled for a plain conv would be reused for a
+centralised one. ``torch.nn.utils.parametrize`` works the same way (a cached subclass per class)
+but renames the weight Parameter and its checkpoint key. Nor can a new, centralised conv be put in
+the old one's place: models keep convs in places no module registry reaches, e.g. detectron2's
+``FPN`` runs its ``lateral_convs`` / ``output_convs`` from plain Python lists, so the forward would
+still call the old, uncentralised object; the class of the one object every reference points to
+is what has to change.
 """
 
 import torch
@@ -96,45 +99,35 @@ def _new_centralized(base: type) -> nn.Module:
 
 
 def is_weight_centralized(conv: nn.Module) -> bool:
-    """Whether ``conv`` is a module made by :func:`centralize_conv_weight`."""
+    """Whether ``conv`` went through :func:`centralize_conv_weight`."""
     return isinstance(conv, _WeightCentralizedConv)
 
 
-def _sharing_state(module: nn.Module, cls: type) -> nn.Module:
-    """A new ``cls`` instance holding the same Parameters, buffers, children and hooks as ``module``
-    (its own containers, so registering on one leaves the other as it is)."""
-    clone = cls.__new__(cls)
-    clone.__dict__.update({key: value.copy() if isinstance(value, (dict, set)) else value
-                           for key, value in module.__dict__.items()})
-    return clone
-
-
 def centralize_conv_weight(conv: nn.Module) -> nn.Module:
-    """A module that computes like ``conv`` with W − mean W per output channel in forward.
-
-    ``conv`` itself is left as it is; put the result in its place (``prepare_model`` does that for
-    every conv feeding an MABN layer). The result shares ``conv``'s Parameters, buffers, children
-    and hooks, so its ``state_dict`` has the same keys and the optimizer sees the same Parameters.
+    """Make ``conv`` use W − mean W per output channel in forward (in place, idempotent).
 
     Args:
         conv: a ``torch.nn.Conv2d`` or subclass (e.g. ``detectron2.layers.Conv2d``), or a
             ``torch.nn.ConvTranspose2d``.
 
     Returns:
-        an instance of a subclass of ``type(conv)``; ``conv`` itself if it is centralised already.
+        ``conv`` itself, now an instance of a subclass of its original class.
     """
     if not isinstance(conv, _CONV_TYPES):
         raise TypeError(
             f"centralize_conv_weight expects an nn.Conv2d or nn.ConvTranspose2d, got {type(conv).__name__}"
         )
-    return conv if is_weight_centralized(conv) else _sharing_state(conv, _centralized_class(type(conv)))
+    if not is_weight_centralized(conv):
+        conv.__class__ = _centralized_class(type(conv))
+    return conv
 
 
 def remove_weight_centralization(conv: nn.Module) -> nn.Module:
-    """The inverse of :func:`centralize_conv_weight`: a module of the original class (its forward
-    uses ``weight`` as it is, e.g. once W̃ is folded into it) sharing ``conv``'s state; ``conv``
-    itself if it is not centralised."""
-    return _sharing_state(conv, type(conv)._centralized_base) if is_weight_centralized(conv) else conv
+    """Undo :func:`centralize_conv_weight` (back to the original class: the forward uses
+    ``conv.weight`` as it is, e.g. once W̃ is folded into it). Returns ``conv``."""
+    if is_weight_centralized(conv):
+        conv.__class__ = type(conv)._centralized_base
+    return conv
 
 
 def effective_conv_weight(conv: nn.Module) -> torch.Tensor:

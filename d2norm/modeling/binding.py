@@ -8,19 +8,17 @@ layout) and
 * binds each CBN to its conv (Taylor compensation needs the conv's weight and input, CBN Eq. 6-7);
   a CBN fed by anything else (an activation, a sum, a transposed conv) is an error naming the
   layer and what feeds it, never a silent wrong pairing;
-* puts a weight-centralised conv (MABN §4.3) in the place of each conv (or transposed conv) feeding
-  an MABN, unless disabled, and warns about the MABN layers no conv feeds;
+* makes each conv (or transposed conv) feeding an MABN weight-centralised (MABN §4.3), unless
+  disabled, and warns about the MABN layers no conv feeds;
 * marks MABN layers whose parameters are frozen (``FREEZE_AT``) as ``frozen`` (population stats).
 
-No module is registered under another (no cycles), and parameter names and Parameters do not
-change (a centralised conv shares its predecessor's Parameters).
+No module is registered under another (no cycles), and parameter names do not change.
 """
 import logging
 
 from ..layers import NormLayer
 from ..layers.weight_centralization import centralize_conv_weight
 from .conv_inputs import CONV_TRANSPOSE2D, find_norm_inputs
-from .module_replacement import replace_module
 
 __all__ = ["prepare_model", "conv_norm_pairs"]
 
@@ -52,8 +50,7 @@ def prepare_model(model, centralize_weights=True, example_inputs=None):
             (required unless it is a detectron2 meta-architecture).
 
     Returns:
-        the model: the same object, unless ``model`` is itself a conv feeding an MABN layer (then
-        its weight-centralised replacement).
+        the same model.
 
     Raises:
         RuntimeError: CBN layers not fed directly by a ``Conv2d``; the message names each one's
@@ -66,21 +63,20 @@ def prepare_model(model, centralize_weights=True, example_inputs=None):
             module.freeze_statistics(bool(params) and not any(p.requires_grad for p in params))
     if any(_uses_its_conv(m) for m in model.modules()):
         norm_inputs = find_norm_inputs(model, example_inputs, norm_types=(NormLayer,))
-        model = _bind(model, [item for item in norm_inputs if _uses_its_conv(item.norm)], centralize_weights)
+        _bind([item for item in norm_inputs if _uses_its_conv(item.norm)], centralize_weights)
     return model
 
 
-def _bind(model, norm_inputs, centralize_weights):
-    errors, uncentralized, centralized = [], [], set()
+def _bind(norm_inputs, centralize_weights):
+    errors, uncentralized = [], []
     for item in norm_inputs:
         if item.norm.conv_binding == "bind":
             reason = _cbn_problem(item)
             if reason:
                 errors.append(f"'{item.name}': {reason}")
         elif item.conv is not None:
-            if centralize_weights and id(item.conv) not in centralized:  # a conv may feed two MABN
-                centralized.add(id(item.conv))
-                model = replace_module(model, item.conv, centralize_conv_weight(item.conv))
+            if centralize_weights:
+                centralize_conv_weight(item.conv)
         else:
             uncentralized.append(f"'{item.name}' ({item.reason})")
     if uncentralized and centralize_weights:
@@ -92,7 +88,6 @@ def _bind(model, norm_inputs, centralize_weights):
             "conv's weight and input, CBN Eq. 6-7), but these CBN layers are not fed directly by "
             "one: " + "; ".join(errors) + ". Use another norm there, or put the CBN right after the conv."
         )
-    return model
 
 
 def _cbn_problem(item):

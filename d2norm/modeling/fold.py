@@ -15,7 +15,6 @@ from detectron2.layers import FrozenBatchNorm2d
 from ..layers import NormLayer
 from ..layers.weight_centralization import effective_conv_weight, remove_weight_centralization
 from .conv_inputs import find_norm_inputs
-from .module_replacement import replace_module
 
 __all__ = ["fold_norms"]
 
@@ -45,10 +44,7 @@ def fold_norms(model, example_inputs=None):
         scale, shift = norm.per_channel_affine()
         weight = effective_conv_weight(conv) * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
         bias = shift if conv.bias is None else shift + scale * conv.bias
-        if conv is not (plain := remove_weight_centralization(conv)):  # W̃ is folded into the weight
-            model = replace_module(model, conv, plain)
-            parents.update({id(child): (plain, key) for key, child in plain._modules.items() if child is not None})
-            conv = plain
+        remove_weight_centralization(conv)  # W̃ is folded into the weight
         conv.weight = nn.Parameter(weight, requires_grad=False)
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
         # detectron2's Conv2d skips a None norm; anywhere else the norm's place becomes a no-op.
