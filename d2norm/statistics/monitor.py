@@ -205,9 +205,10 @@ class NormStatsProbe:
 
     def _record_backward(self):
         """After the backward: each observed layer's backward statistics into the history."""
+        layers = dict(self.layers)
         for name, calls in self._batch_backward.items():
             g, psi = (torch.stack(v).mean(dim=0) for v in zip(*calls))
-            used_g, used_psi = norm_layer(dict(self.layers)[name]).backward_statistics(g, psi)
+            used_g, used_psi = norm_layer(layers[name]).backward_statistics(g, psi)
             self.backward.add(name, {"g": used_g, "psi": used_psi})
         self._batch_backward.clear()
 
