@@ -89,25 +89,21 @@ class RoIShuffle:
             return None
         x = args[0]
         counts = row_counts(x, self.group)
-        permutation = torch.randperm(sum(counts), device=x.device) if dist.get_rank(self.group) == 0 else \
+        rank = dist.get_rank(self.group)
+        permutation = torch.randperm(sum(counts), device=x.device) if rank == 0 else \
             torch.empty(sum(counts), dtype=torch.long, device=x.device)
         dist.broadcast(permutation, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
-        rank = dist.get_rank(self.group)
-        start = sum(counts[:rank])
-        self._pending = (permutation, counts)
-        mine = permutation[start:start + counts[rank]]
-        return (all_gather_rows(x, counts, self.group)[mine], *args[1:])
+        mine = slice(sum(counts[:rank]), sum(counts[:rank + 1]))  # this worker's positions, before and after
+        self._pending = (permutation, counts, mine)
+        return (all_gather_rows(x, counts, self.group)[permutation[mine]], *args[1:])
 
     def _restore(self, module, args, output):
         if self._pending is None:
             return None
-        permutation, counts = self._pending
+        permutation, counts, mine = self._pending
         self._pending = None
         shuffled = all_gather_rows(output, counts, self.group)  # row i is the output of RoI permutation[i]
-        restored = shuffled[torch.argsort(permutation)]
-        rank = dist.get_rank(self.group)
-        start = sum(counts[:rank])
-        return restored[start:start + counts[rank]]
+        return shuffled[torch.argsort(permutation)][mine]
 
     def remove(self):
         for handle in self.handles:
